@@ -1,0 +1,67 @@
+"""sgdjax: SGD-family gradient transformations for JAX.
+
+Every transform is an ``optax.GradientTransformation``: sgdjax and optax pieces mix
+in one chain. ``sgdjax.sgd`` follows ``torch.optim.SGD`` exactly, and
+``sgdjax.schedules`` follows ``torch.optim.lr_scheduler``.
+"""
+
+
+from sgdjax._alias import sgd, sgdw
+from sgdjax._base import ScalarOrSchedule, Schedule
+from sgdjax._clipping import (
+    adaptive_grad_clip,
+    clip,
+    clip_by_global_norm,
+    clip_by_norm,
+    global_norm,
+    unitwise_norm,
+)
+from sgdjax._combine import (
+    apply_updates,
+    chain,
+    inject_hyperparams,
+    masked,
+    multi_transform,
+    named_chain,
+)
+from sgdjax._decay import (
+    DecoupledWeightDecayState,
+    add_decayed_weights,
+    decoupled_weight_decay,
+)
+from sgdjax._momentum import MomentumState, momentum
+from sgdjax._scale import ScaleByLearningRateState, scale, scale_by_learning_rate
+from sgdjax._skip import SkipNonFiniteState, all_finite, skip_non_finite
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecoupledWeightDecayState",
+    "MomentumState",
+    "ScalarOrSchedule",
+    "ScaleByLearningRateState",
+    "Schedule",
+    "SkipNonFiniteState",
+    "adaptive_grad_clip",
+    "add_decayed_weights",
+    "all_finite",
+    "apply_updates",
+    "chain",
+    "clip",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "decoupled_weight_decay",
+    "global_norm",
+    "inject_hyperparams",
+    "masked",
+    "momentum",
+    "multi_transform",
+    "named_chain",
+    "scale",
+    "scale_by_learning_rate",
+
+    "sgd",
+    "sgdw",
+    "skip_non_finite",
+    "unitwise_norm",
+]

@@ -1,0 +1,223 @@
+"""Gradient clipping: by value, by each leaf's norm, by the global norm, and unit-wise (AGC)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from sgdjax import _base
+
+
+def _stateless(update_leaves) -> optax.GradientTransformation:
+    """A stateless transform from ``update_leaves(updates, params) -> updates``."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        return update_leaves(updates, params), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _sum_squares(x: jax.Array, **kwargs) -> jax.Array:
+    """Sum of squares accumulated in float32 (or wider), whatever the leaf's dtype."""
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return jnp.sum(jnp.square(wide), **kwargs)
+
+
+def _norm(x: jax.Array, **kwargs) -> jax.Array:
+    """Euclidean norm accumulated in float32 (or wider), whatever the leaf's dtype."""
+    return jnp.sqrt(_sum_squares(x, **kwargs))
+
+
+def global_norm(tree) -> jax.Array:
+    """The Euclidean norm of all leaves of ``tree`` taken together, as float32 or wider.
+
+    Update rule::
+
+        ||g|| = sqrt(sum_i sum_j g_ij^2)
+
+    Args:
+      tree: a pytree of arrays.
+
+    Returns:
+      A scalar array.
+
+    Example:
+      >>> import jax.numpy as jnp, sgdjax
+      >>> float(sgdjax.global_norm({"a": jnp.array([3.0]), "b": jnp.array([4.0])}))
+      5.0
+
+    References:
+      ``optax.global_norm`` (same value).
+    """
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros([], jnp.float32)
+    return jnp.sqrt(sum(_sum_squares(leaf) for leaf in leaves))
+
+
+def _rescale(g: jax.Array, norm: jax.Array, max_norm: ArrayLike) -> jax.Array:
+    """``g`` if ``norm < max_norm`` else ``g * max_norm / norm``, in ``g``'s dtype."""
+    clipped = g / norm.astype(g.dtype) * max_norm
+    return jnp.where(norm < max_norm, g, clipped).astype(g.dtype)
+
+
+def clip(max_delta: ArrayLike) -> optax.GradientTransformation:
+    """Clips every update coordinate to ``[-max_delta, max_delta]``.
+
+    Update rule::
+
+        u = min(max(g, -c), c)
+
+    Args:
+      max_delta: ``c > 0``.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp, sgdjax
+      >>> tx = sgdjax.clip(1.0)
+      >>> tx.update(jnp.array([-3.0, 0.5]), tx.init(None))[0].tolist()
+      [-1.0, 0.5]
+
+    References:
+      ``optax.clip``; ``torch.nn.utils.clip_grad_value_``.
+    """
+    _base.check_in_range("max_delta", max_delta, low=0.0, low_inclusive=False)
+    return _stateless(
+        lambda updates, params: jax.tree.map(
+            lambda g: jnp.clip(g, -max_delta, max_delta).astype(g.dtype), updates
+        )
+    )
+
+
+def clip_by_norm(max_norm: ArrayLike) -> optax.GradientTransformation:
+    """Rescales each leaf separately so that its Euclidean norm is at most ``max_norm``.
+
+    Update rule, for each leaf ``g``::
+
+        u = g                       if ||g|| < c
+        u = g * c / ||g||           otherwise
+
+    Args:
+      max_norm: ``c > 0``.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp, sgdjax
+      >>> tx = sgdjax.clip_by_norm(1.0)
+      >>> tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(None))[0]["w"].tolist()
+      [0.6000000238418579, 0.800000011920929]
+
+    References:
+      ``optax.clip_by_block_rms`` is the RMS analogue; torch's
+      ``clip_grad_norm_`` applied to each parameter on its own.
+    """
+    _base.check_in_range("max_norm", max_norm, low=0.0, low_inclusive=False)
+    return _stateless(
+        lambda updates, params: jax.tree.map(lambda g: _rescale(g, _norm(g), max_norm), updates)
+    )
+
+
+def clip_by_global_norm(max_norm: ArrayLike) -> optax.GradientTransformation:
+    """Rescales all updates together so that their global norm is at most ``max_norm``.
+
+    Update rule::
+
+        u = g                       if ||g|| < c
+        u = g * c / ||g||           otherwise,   ||g|| = global_norm(g)
+
+    Args:
+      max_norm: ``c > 0``.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp, sgdjax
+      >>> tx = sgdjax.clip_by_global_norm(1.0)
+      >>> u, _ = tx.update({"a": jnp.array([3.0]), "b": jnp.array([4.0])}, tx.init(None))
+      >>> [round(float(u["a"][0]), 6), round(float(u["b"][0]), 6)]
+      [0.6, 0.8]
+
+    References:
+      Pascanu et al. (2013). The same numbers as ``optax.clip_by_global_norm``;
+      ``torch.nn.utils.clip_grad_norm_`` divides by ``||g|| + 1e-6`` instead.
+    """
+    _base.check_in_range("max_norm", max_norm, low=0.0, low_inclusive=False)
+
+    def update_leaves(updates, params):
+        del params
+        norm = global_norm(updates)
+        return jax.tree.map(lambda g: _rescale(g, norm, max_norm), updates)
+
+    return _stateless(update_leaves)
+
+
+def unitwise_norm(x: jax.Array) -> jax.Array:
+    """Norm of each output unit of ``x``, broadcast to ``x``'s shape.
+
+    Scalars and vectors form one unit. Otherwise the last axis indexes the output
+    units (flax's ``(in, out)`` dense and ``(h, w, in, out)`` conv kernels) and the
+    norm runs over all other axes.
+    """
+    if x.ndim <= 1:
+        norm = _norm(x)
+        return jnp.broadcast_to(norm, x.shape)
+    norm = _norm(x, axis=tuple(range(x.ndim - 1)), keepdims=True)
+    return jnp.broadcast_to(norm, x.shape)
+
+
+def adaptive_grad_clip(clipping: ArrayLike, eps: ArrayLike = 1e-3) -> optax.GradientTransformation:
+    """Adaptive gradient clipping: clips each unit's gradient relative to its weight norm.
+
+    Update rule, for each output unit ``i`` with weights ``W_i`` and gradient ``G_i``::
+
+        m_i = lambda * max(||W_i||, eps)
+        u_i = G_i                         if ||G_i|| < m_i
+        u_i = G_i * m_i / ||G_i||         otherwise
+
+    Args:
+      clipping: ``lambda > 0``, the largest allowed ratio of gradient to weight norm.
+      eps: ``eps > 0``, the floor on the weight norm (so zero-initialised weights can move).
+
+    Returns:
+      A stateless ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, sgdjax
+      >>> tx = sgdjax.adaptive_grad_clip(0.1)
+      >>> w = jnp.array([3.0, 4.0])                    # ||W|| = 5, so m = 0.5
+      >>> tx.update(jnp.array([0.0, 1.0]), tx.init(w), w)[0].tolist()
+      [0.0, 0.5]
+
+    References:
+      Brock et al., "High-Performance Large-Scale Image Recognition Without
+      Normalization" (2021). ``optax.adaptive_grad_clip`` gives the same numbers for
+      vectors, dense and conv kernels.
+    """
+    _base.check_in_range("clipping", clipping, low=0.0, low_inclusive=False)
+    _base.check_in_range("eps", eps, low=0.0, low_inclusive=False)
+
+    def update_leaves(updates, params):
+        if params is None:
+            raise ValueError("adaptive_grad_clip needs params: call update(updates, state, params)")
+        _base.check_trees_match(params, updates, expected_name="params", got_name="updates")
+
+        def clip_leaf(g, p):
+            max_norm = clipping * jnp.maximum(unitwise_norm(p), eps)
+            g_norm = unitwise_norm(g)
+            clipped = g * (max_norm / jnp.maximum(g_norm, 1e-6)).astype(g.dtype)
+            return jnp.where(g_norm < max_norm, g, clipped).astype(g.dtype)
+
+        return jax.tree.map(clip_leaf, updates, params)
+
+    return _stateless(update_leaves)

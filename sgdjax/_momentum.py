@@ -1,0 +1,111 @@
+"""Heavy-ball and Nesterov momentum with dampening, following ``torch.optim.SGD``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from sgdjax import _base
+
+
+class MomentumState(NamedTuple):
+    """State of :func:`momentum`.
+
+    Attributes:
+      count: int32 number of updates taken; the first update starts the buffer.
+      momentum_buffer: the buffer ``b``, shaped like the params.
+    """
+
+    count: jax.Array
+    momentum_buffer: Any
+
+
+def momentum(
+    momentum: ArrayLike,
+    *,
+    dampening: ArrayLike = 0.0,
+    nesterov: bool = False,
+    accumulator_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """Heavy-ball or Nesterov momentum with dampening, exactly as ``torch.optim.SGD``.
+
+    Update rule, with ``mu`` the momentum and ``tau`` the dampening::
+
+        b_1 = g_1
+        b_t = mu * b_{t-1} + (1 - tau) * g_t        (t > 1)
+        u_t = b_t                                    (heavy ball)
+        u_t = g_t + mu * b_t                         (Nesterov)
+
+    The first step copies the gradient into the buffer without dampening, as torch
+    does; optax's ``trace`` instead starts from ``b_0 = 0`` and has no dampening.
+
+    Args:
+      momentum: ``mu`` in ``[0, 1)``.
+      dampening: ``tau`` in ``[0, 1]``; torch's ``dampening``.
+      nesterov: use the Nesterov form; needs ``mu > 0`` and ``tau = 0`` (as torch).
+      accumulator_dtype: dtype to store ``b`` in (e.g. ``jnp.bfloat16`` to halve its
+        memory); ``None`` keeps each parameter's dtype. The arithmetic runs in the
+        wider of the gradient and buffer dtypes.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`MomentumState`.
+
+    Example:
+      >>> import jax.numpy as jnp, sgdjax
+      >>> tx = sgdjax.momentum(0.9)
+      >>> state = tx.init(jnp.zeros(1))
+      >>> u, state = tx.update(jnp.ones(1), state)   # b_1 = g_1 = 1
+      >>> u, state = tx.update(jnp.ones(1), state)   # b_2 = 0.9 * 1 + 1
+      >>> round(float(u[0]), 6)
+      1.9
+
+    References:
+      Polyak (1964); Sutskever et al. (2013) for the Nesterov form used by
+      ``torch.optim.SGD`` (``momentum``, ``dampening``, ``nesterov``).
+    """
+    _base.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+    _base.check_in_range("dampening", dampening, low=0.0, high=1.0)
+    if nesterov:
+        if _base.is_static_zero(momentum):
+            raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum!r}")
+        if not _base.is_traced(dampening) and float(jnp.asarray(dampening)) != 0.0:
+            raise ValueError(f"nesterov=True needs dampening=0, got dampening={dampening!r}")
+    if accumulator_dtype is not None:
+        accumulator_dtype = jnp.dtype(accumulator_dtype)
+
+    def buffer_dtype(leaf):
+        return leaf.dtype if accumulator_dtype is None else accumulator_dtype
+
+    def init_fn(params):
+        buffers = jax.tree.map(lambda p: jnp.zeros(p.shape, buffer_dtype(p)), params)
+        return MomentumState(count=_base.zero_count(), momentum_buffer=buffers)
+
+    def update_fn(updates, state, params=None):
+        del params
+        _base.check_trees_match(
+            state.momentum_buffer,
+            updates,
+            expected_name="momentum state",
+            got_name="updates",
+        )
+        first = state.count == 0
+
+        def leaf_update(g, b):
+            dtype = jnp.promote_types(g.dtype, b.dtype)
+            g_wide, b_wide = g.astype(dtype), b.astype(dtype)
+            new_b = jnp.where(first, g_wide, momentum * b_wide + (1.0 - dampening) * g_wide)
+            out = g_wide + momentum * new_b if nesterov else new_b
+            return out.astype(g.dtype), new_b.astype(b.dtype)
+
+        new_updates, new_buffers = _base.tree_map_split(
+            leaf_update, 2, updates, state.momentum_buffer
+        )
+        return new_updates, MomentumState(
+            count=_base.safe_increment(state.count), momentum_buffer=new_buffers
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
