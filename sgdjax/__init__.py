@@ -5,7 +5,6 @@ in one chain. ``sgdjax.sgd`` follows ``torch.optim.SGD`` exactly, and
 ``sgdjax.schedules`` follows ``torch.optim.lr_scheduler``.
 """
 
-
 from sgdjax._alias import sgd, sgdw
 from sgdjax._base import ScalarOrSchedule, Schedule
 from sgdjax._clipping import (
@@ -59,7 +58,6 @@ __all__ = [
     "named_chain",
     "scale",
     "scale_by_learning_rate",
-
     "sgd",
     "sgdw",
     "skip_non_finite",

@@ -95,8 +95,8 @@ def sgd(
 
     References:
       ``torch.optim.SGD`` (every argument has the same meaning and default).
-      ``optax.sgd`` differs: its momentum starts from zero instead of the first
-      gradient, it has no dampening, and its Nesterov form and weight decay differ.
+      ``optax.sgd`` gives the same numbers when ``dampening=0`` and
+      ``weight_decay=0``; it has neither option, nor ``maximize``.
     """
     _base.check_scalar_or_schedule("learning_rate", learning_rate)
     _base.check_in_range("weight_decay", weight_decay, low=0.0)

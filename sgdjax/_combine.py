@@ -128,7 +128,9 @@ def multi_transform(
 
     def checked_labels(params):
         labels = param_labels(params) if callable(param_labels) else param_labels
-        unknown = sorted({str(label) for label in jax.tree.leaves(labels)} - set(map(str, transforms)))
+        unknown = sorted(
+            {str(label) for label in jax.tree.leaves(labels)} - set(map(str, transforms))
+        )
         if unknown:
             raise ValueError(
                 f"param_labels uses labels {unknown} that are not keys of transforms "

@@ -41,7 +41,8 @@ def momentum(
         u_t = g_t + mu * b_t                         (Nesterov)
 
     The first step copies the gradient into the buffer without dampening, as torch
-    does; optax's ``trace`` instead starts from ``b_0 = 0`` and has no dampening.
+    does, so with dampening the rule is not the plain recursion from ``b_0 = 0``.
+    Without dampening it gives the same numbers as ``optax.trace``.
 
     Args:
       momentum: ``mu`` in ``[0, 1)``.

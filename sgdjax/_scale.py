@@ -97,4 +97,3 @@ def scale_by_learning_rate(learning_rate: _base.ScalarOrSchedule) -> optax.Gradi
         return updates, ScaleByLearningRateState(count=_base.safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)
-

@@ -78,9 +78,7 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
     def update_fn(updates, state, params=None):
         finite = all_finite(updates)
         new_updates, new_inner = inner.update(updates, state.inner_state, params)
-        new_updates = jax.tree.map(
-            lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates
-        )
+        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
         new_inner = jax.tree.map(
             lambda new, old: jnp.where(finite, new, old), new_inner, state.inner_state
         )
