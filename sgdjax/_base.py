@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +12,8 @@ import numpy as np
 from jax.typing import ArrayLike
 
 Schedule = Callable[[ArrayLike], jax.Array]
-ScalarOrSchedule = Union[float, jax.Array, Schedule]
-MaskOrFn = Union[Any, Callable[[Any], Any], None]
+ScalarOrSchedule = float | jax.Array | Schedule
+MaskOrFn = Any | Callable[[Any], Any] | None
 
 _INT32_MAX = np.iinfo(np.int32).max
 
