@@ -550,3 +550,44 @@ class TestWrappers(chex.TestCase):
         new = sgdjax.apply_updates(params, updates)
         chex.assert_trees_all_equal_dtypes(new, params)
         np.testing.assert_allclose(np.asarray(new["bf16"], np.float32), 1.5)
+
+
+# ---------------------------------------------------------------- flat buffers
+
+
+class TestFlatten(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_flatten_equals_per_leaf_updates(self):
+        rng = np.random.default_rng(9)
+        params = _random_tree(rng)
+        grads = [_random_tree(rng) for _ in range(NUM_STEPS)]
+
+        def make():
+            return sgdjax.chain(
+                sgdjax.clip_by_global_norm(1.0),
+                sgdjax.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+            )
+
+        ours = _run(sgdjax.flatten(make()), params, grads, variant=self.variant)
+        reference = _run(make(), params, grads, variant=self.variant)
+        chex.assert_trees_all_close(ours, reference, rtol=1e-6, atol=1e-7)
+
+    def test_flatten_keeps_one_buffer_per_dtype(self):
+        params = {
+            "a": jnp.ones((2, 3), jnp.float32),
+            "b": jnp.ones((4,), jnp.bfloat16),
+            "c": jnp.ones((5,), jnp.float32),
+        }
+        tx = sgdjax.flatten(sgdjax.sgd(0.5, momentum=0.9))
+        state = tx.init(params)
+        buffers = state[0].momentum_buffer
+        assert {k: (v.shape, v.dtype) for k, v in buffers.items()} == {
+            "float32": ((11,), jnp.float32),
+            "bfloat16": ((4,), jnp.bfloat16),
+        }
+        updates, _ = jax.jit(tx.update)(params, state, params)
+        chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda u: u.astype(jnp.float32), updates),
+            jax.tree.map(lambda p: jnp.full(p.shape, -0.5), params),
+        )
