@@ -28,6 +28,7 @@ from sgdjax._decay import (
     add_decayed_weights,
     decoupled_weight_decay,
 )
+from sgdjax._flatten import flatten
 from sgdjax._momentum import MomentumState, momentum
 from sgdjax._scale import ScaleByLearningRateState, scale, scale_by_learning_rate
 from sgdjax._skip import SkipNonFiniteState, all_finite, skip_non_finite
@@ -50,6 +51,7 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_norm",
     "decoupled_weight_decay",
+    "flatten",
     "global_norm",
     "inject_hyperparams",
     "masked",
