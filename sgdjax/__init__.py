@@ -5,6 +5,7 @@ in one chain. ``sgdjax.sgd`` follows ``torch.optim.SGD`` exactly, and
 ``sgdjax.schedules`` follows ``torch.optim.lr_scheduler``.
 """
 
+from sgdjax import schedules
 from sgdjax._alias import sgd, sgdw
 from sgdjax._base import ScalarOrSchedule, Schedule
 from sgdjax._clipping import (
@@ -60,6 +61,7 @@ __all__ = [
     "named_chain",
     "scale",
     "scale_by_learning_rate",
+    "schedules",
     "sgd",
     "sgdw",
     "skip_non_finite",
