@@ -130,7 +130,9 @@ SCHEDULE_PAIRS = {
     ),
     "onecycle": (
         lambda: schedules.one_cycle(0.1, total_steps=NUM_STEPS + 1),
-        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=NUM_STEPS + 1),
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=0.1, total_steps=NUM_STEPS + 1, cycle_momentum=False
+        ),
     ),
 }
 
