@@ -1,0 +1,29 @@
+"""CIFAR-10 loading, on-device augmentation and host-side batching."""
+
+from sgdjax.data._augment import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    augment,
+    normalize,
+    random_crop,
+    random_flip,
+)
+from sgdjax.data._batches import batches, epoch_order, num_batches
+from sgdjax.data._cifar import CIFAR10_CLASSES, DataError, Dataset, detect_layout, load_cifar10
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DataError",
+    "Dataset",
+    "augment",
+    "batches",
+    "detect_layout",
+    "epoch_order",
+    "load_cifar10",
+    "normalize",
+    "num_batches",
+    "random_crop",
+    "random_flip",
+]

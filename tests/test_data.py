@@ -1,0 +1,276 @@
+"""The data layer: loaders on generated folders and pickles, tfds (mocked), cache, augmentation."""
+
+import os
+import pickle
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from sgdjax import data
+
+CLASSES = ("cat", "airplane", "dog")  # sorted: airplane=0, cat=1, dog=2
+
+
+def make_image_folder(root, classes=CLASSES, train_per_class=4, test_per_class=2, seed=0):
+    """Writes random 32x32 RGB PNGs; returns {split: (images, labels)} in load order."""
+    rng = np.random.default_rng(seed)
+    expected = {}
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        images, labels = [], []
+        for label, name in enumerate(sorted(classes)):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index:04d}.png")
+                images.append(pixels)
+                labels.append(label)
+        expected[split] = (np.stack(images), np.asarray(labels, np.int32))
+    return expected
+
+
+def make_pickles(root, per_batch=6, seed=0):
+    rng = np.random.default_rng(seed)
+    expected = {"train": ([], []), "test": ([], [])}
+    names = [f"batch_{i}" for i in range(1, 6)] + ["test"]
+    for name in names:
+        data_rows = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        file = root / ("test_batch" if name == "test" else "data_" + name)
+        with open(file, "wb") as handle:
+            pickle.dump({b"data": data_rows, b"labels": labels}, handle)
+        split = "test" if name == "test" else "train"
+        expected[split][0].append(data_rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        expected[split][1].append(np.asarray(labels, np.int32))
+    with open(root / "batches.meta", "wb") as handle:
+        pickle.dump({b"label_names": [n.encode() for n in data.CIFAR10_CLASSES]}, handle)
+    return {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in expected.items()}
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def test_image_folder(tmp_path):
+    expected = make_image_folder(tmp_path / "cifar")
+    loaded = data.load_cifar10(tmp_path / "cifar")
+    assert loaded.class_names == ("airplane", "cat", "dog")
+    for split in ("train", "test"):
+        images, labels = getattr(loaded, f"{split}_images"), getattr(loaded, f"{split}_labels")
+        assert images.dtype == np.uint8 and images.shape == expected[split][0].shape
+        assert labels.dtype == np.int32
+        np.testing.assert_array_equal(images, expected[split][0])  # PNG is lossless
+        np.testing.assert_array_equal(labels, expected[split][1])
+
+
+def test_image_folder_one_level_down_and_jpeg(tmp_path):
+    folder = tmp_path / "cifar10" / "train" / "a"
+    folder.mkdir(parents=True)
+    (tmp_path / "cifar10" / "test" / "a").mkdir(parents=True)
+    pixels = np.full((32, 32, 3), 128, np.uint8)
+    Image.fromarray(pixels).save(folder / "x.jpg", quality=95)
+    Image.fromarray(pixels).save(tmp_path / "cifar10" / "test" / "a" / "y.JPEG", quality=95)
+    loaded = data.load_cifar10(tmp_path)
+    assert loaded.train_images.shape == (1, 32, 32, 3) and loaded.test_images.shape == (
+        1,
+        32,
+        32,
+        3,
+    )
+    assert np.abs(loaded.train_images.astype(int) - 128).max() <= 2
+
+
+def test_pickle_batches(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    expected = make_pickles(root)
+    for where in (root, tmp_path):  # the folder itself or its parent
+        loaded = data.load_cifar10(where, cache_dir=tmp_path / f"cache-{where.name}")
+        np.testing.assert_array_equal(loaded.train_images, expected["train"][0])
+        np.testing.assert_array_equal(loaded.train_labels, expected["train"][1])
+        np.testing.assert_array_equal(loaded.test_images, expected["test"][0])
+        np.testing.assert_array_equal(loaded.test_labels, expected["test"][1])
+        assert loaded.class_names == data.CIFAR10_CLASSES
+
+
+def test_pickles_never_run_code(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    make_pickles(root)
+    with open(root / "test_batch", "wb") as handle:
+        pickle.dump({b"data": Payload(), b"labels": []}, handle)
+    with pytest.raises(data.DataError, match="test_batch"):
+        data.load_cifar10(root, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_tfds_path_with_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=6):
+        loaded = data.load_cifar10()
+    assert loaded.train_images.shape == (6, 32, 32, 3) and loaded.train_images.dtype == np.uint8
+    assert loaded.test_images.shape == (6, 32, 32, 3)
+    assert loaded.train_labels.dtype == np.int32
+    assert set(loaded.train_labels.tolist()) <= set(range(10))
+    assert loaded.class_names == data.CIFAR10_CLASSES
+
+
+# ---------------------------------------------------------------- cache
+
+
+def test_cache_is_fast_equal_and_atomic(tmp_path):
+    make_image_folder(tmp_path / "d", train_per_class=30)
+    first = data.load_cifar10(tmp_path / "d")
+    cache_root = tmp_path / "d" / ".sgdjax_cache"
+    entries = list(cache_root.iterdir())
+    assert len(entries) == 1 and not any(".tmp" in e.name for e in entries)
+    start = time.perf_counter()
+    second = data.load_cifar10(tmp_path / "d")
+    assert time.perf_counter() - start < 1.0
+    chex.assert_trees_all_equal(tuple(first), tuple(second))
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path):
+    make_image_folder(tmp_path / "d")
+    first = data.load_cifar10(tmp_path / "d")
+    (cache,) = list((tmp_path / "d" / ".sgdjax_cache").iterdir())
+    (cache / "train_images.npy").write_bytes(b"\x93NUMPY garbage")
+    again = data.load_cifar10(tmp_path / "d")
+    chex.assert_trees_all_equal(tuple(first), tuple(again))
+    assert np.load(cache / "train_images.npy").shape == first.train_images.shape
+
+
+def test_adding_an_image_invalidates_the_cache(tmp_path):
+    make_image_folder(tmp_path / "d")
+    assert len(data.load_cifar10(tmp_path / "d").train_images) == 12
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "d/train/cat/new.png")
+    assert len(data.load_cifar10(tmp_path / "d").train_images) == 13
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(data.DataError, match=f"{tmp_path / 'nope'}: no such directory"):
+        data.load_cifar10(tmp_path / "nope")
+
+
+def test_empty_directory(tmp_path):
+    with pytest.raises(data.DataError, match="is empty"):
+        data.load_cifar10(tmp_path)
+
+
+def test_unknown_layout(tmp_path):
+    (tmp_path / "readme.txt").write_text("hello")
+    with pytest.raises(data.DataError, match="no CIFAR-10 layout"):
+        data.load_cifar10(tmp_path)
+
+
+def test_corrupt_image_is_named(tmp_path):
+    make_image_folder(tmp_path)
+    bad = tmp_path / "train" / "dog" / "0001.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(data.DataError, match="0001.png: cannot decode"):
+        data.load_cifar10(tmp_path)
+
+
+def test_wrong_size_and_mode_are_named(tmp_path):
+    make_image_folder(tmp_path)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "train/cat/small.png")
+    with pytest.raises(data.DataError, match=r"small.png: image shape \(16, 16, 3\)"):
+        data.load_cifar10(tmp_path)
+    (tmp_path / "train/cat/small.png").unlink()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "train/cat/gray.png")
+    with pytest.raises(data.DataError, match="gray.png: image mode L"):
+        data.load_cifar10(tmp_path)
+
+
+def test_class_folders_differ(tmp_path):
+    make_image_folder(tmp_path)
+    (tmp_path / "test" / "dog").rename(tmp_path / "test" / "horse")
+    with pytest.raises(
+        data.DataError, match=r"only in train: \['dog'\], only in test: \['horse'\]"
+    ):
+        data.load_cifar10(tmp_path)
+
+
+def test_missing_pickle_batch(tmp_path):
+    make_pickles(tmp_path)
+    (tmp_path / "data_batch_3").unlink()
+    with pytest.raises(data.DataError, match="data_batch_3: missing"):
+        data.load_cifar10(tmp_path)
+
+
+def test_unreadable_tfds_directory(tmp_path):
+    (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
+    with pytest.raises(data.DataError, match="tensorflow-datasets"):
+        data.load_cifar10(tmp_path)
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def _batch(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+
+
+def test_random_crop_is_a_window_of_the_padded_image():
+    images = _batch()
+    key = jax.random.key(3)
+    out = jax.jit(lambda k, x: data.random_crop(k, x, padding=4))(key, images)
+    chex.assert_shape(out, images.shape)
+    chex.assert_type(out, jnp.uint8)
+    offsets = np.asarray(jax.random.randint(key, (16, 2), 0, 9))
+    padded = np.pad(np.asarray(images), ((0, 0), (4, 4), (4, 4), (0, 0)))
+    for i, (dy, dx) in enumerate(offsets):
+        np.testing.assert_array_equal(out[i], padded[i, dy : dy + 32, dx : dx + 32])
+    assert len({tuple(o) for o in offsets}) > 1
+
+
+def test_random_flip_mirrors_some_images():
+    images = _batch(64)
+    out = np.asarray(data.random_flip(jax.random.key(0), images))
+    flipped = [np.array_equal(o, np.asarray(x)[:, ::-1]) for o, x in zip(out, images)]
+    kept = [np.array_equal(o, np.asarray(x)) for o, x in zip(out, images)]
+    assert all(f or k for f, k in zip(flipped, kept))
+    assert 10 < sum(flipped) < 54
+
+
+def test_augment_is_deterministic_per_key_and_jit_invariant():
+    images = _batch()
+    a = data.augment(jax.random.key(1), images)
+    b = jax.jit(data.augment)(jax.random.key(1), images)
+    c = data.augment(jax.random.key(2), images)
+    chex.assert_trees_all_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_normalize_matches_numpy():
+    images = _batch(4)
+    out = jax.jit(data.normalize)(images)
+    expected = (np.asarray(images) / 255.0 - np.asarray(data.CIFAR10_MEAN)) / np.asarray(
+        data.CIFAR10_STD
+    )
+    chex.assert_type(out, jnp.float32)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    chex.assert_type(data.normalize(images, dtype=jnp.bfloat16), jnp.bfloat16)
+
+
+def test_batches_order_depends_on_seed_and_epoch_only():
+    images, labels = np.arange(10)[:, None], np.arange(10)
+    first = [b["label"].tolist() for b in data.batches(images, labels, 3, seed=1, epoch=2)]
+    again = [b["label"].tolist() for b in data.batches(images, labels, 3, seed=1, epoch=2)]
+    other = [b["label"].tolist() for b in data.batches(images, labels, 3, seed=1, epoch=3)]
+    assert first == again and first != other and len(first) == 3
+    tail = list(data.batches(images, labels, 3, drop_remainder=False))
+    assert [len(b["label"]) for b in tail] == [3, 3, 3, 1]
