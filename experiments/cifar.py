@@ -1,0 +1,161 @@
+"""Train a CNN on CIFAR-10 with sgdjax.
+
+    python experiments/cifar.py --preset tutorial --data-dir DATA --out runs/tutorial
+
+Writes metrics.jsonl, summary.json, curves.png and checkpoints/ into --out.
+Continue an interrupted run with --resume. Every flag is checked before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+
+# ---------------------------------------------------------------- flags
+
+PRESET_NAMES = ("tutorial", "resnet9")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sgdjax.training import MODELS
+    from sgdjax.training._config import OPTIMIZERS, SCHEDULES
+
+    parser = argparse.ArgumentParser(
+        description="Train a CNN on CIFAR-10 with sgdjax.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="tutorial")
+    parser.add_argument("--model", choices=sorted(MODELS))
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--momentum", type=float)
+    parser.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--dampening", type=float)
+    parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--schedule", choices=SCHEDULES)
+    parser.add_argument("--clip-norm", type=float, help="clip gradients by this global norm")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS)
+    parser.add_argument("--label-smoothing", type=float)
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--data-dir", help="CIFAR-10 folder (default: tensorflow-datasets)")
+    parser.add_argument("--out", default="runs/cifar", help="output directory")
+    parser.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    parser.add_argument("--max-steps", type=int, help="limit steps per epoch (smoke tests)")
+    parser.add_argument("--train-subset", type=int, help="use the first N training images")
+    parser.add_argument("--test-subset", type=int, help="use the first N test images")
+    parser.add_argument("--max-bad-steps", type=int, help="stop after N non-finite steps in a row")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def make_config(args: argparse.Namespace):
+    """The preset's config with every given flag laid over it."""
+    from sgdjax.training._config import PRESETS, Config
+
+    values = dict(PRESETS[args.preset])
+    for field in dataclasses.fields(Config):
+        given = getattr(args, field.name, None)
+        if given is not None:
+            values[field.name] = given
+    return Config(**values)
+
+
+def validate(config, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Checks every flag before any work; errors exit with one line and status 2."""
+    positive = {
+        "--epochs": config.epochs,
+        "--batch-size": config.batch_size,
+        "--checkpoint-every": config.checkpoint_every,
+        "--max-bad-steps": config.max_bad_steps,
+    }
+    for flag, value in positive.items():
+        if value <= 0:
+            parser.error(f"{flag} must be positive, got {value}")
+    for flag, value in (
+        ("--max-steps", config.max_steps),
+        ("--train-subset", config.train_subset),
+        ("--test-subset", config.test_subset),
+    ):
+        if value is not None and value <= 0:
+            parser.error(f"{flag} must be positive, got {value}")
+    if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
+        parser.error(f"--learning-rate must be a positive number, got {config.learning_rate}")
+    if not 0 <= config.momentum < 1:
+        parser.error(f"--momentum must lie in [0, 1), got {config.momentum}")
+    if not 0 <= config.dampening <= 1:
+        parser.error(f"--dampening must lie in [0, 1], got {config.dampening}")
+    if config.optimizer in ("sgd", "sgdw") and config.nesterov:
+        if config.momentum == 0 or config.dampening != 0:
+            parser.error(
+                "--nesterov needs --momentum > 0 and --dampening 0 "
+                f"(got momentum {config.momentum}, dampening {config.dampening})"
+            )
+    if not (config.weight_decay >= 0 and math.isfinite(config.weight_decay)):
+        parser.error(f"--weight-decay must be >= 0, got {config.weight_decay}")
+    if config.clip_norm is not None and not config.clip_norm > 0:
+        parser.error(f"--clip-norm must be positive, got {config.clip_norm}")
+    if not 0 <= config.label_smoothing < 1:
+        parser.error(f"--label-smoothing must lie in [0, 1), got {config.label_smoothing}")
+
+    import jax
+
+    devices = jax.device_count()
+    if config.batch_size % devices:
+        parser.error(
+            f"--batch-size {config.batch_size} is not divisible by the device count {devices}"
+        )
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        parser.error(f"--out {out}: cannot write there ({error.strerror or error})")
+    if args.resume and not (out / "checkpoints").is_dir():
+        parser.error(f"--resume: no checkpoints in {out / 'checkpoints'}")
+
+
+def load_data(args, parser):
+    from sgdjax import data
+
+    try:
+        return data.load_cifar10(args.data_dir)
+    except data.DataError as error:
+        parser.error(str(error))
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = make_config(args)
+    validate(config, args, parser)
+    dataset = load_data(args, parser)
+    if config.train_subset is not None and config.train_subset < config.batch_size:
+        parser.error(
+            f"--train-subset {config.train_subset} is smaller than --batch-size {config.batch_size}"
+        )
+
+    from sgdjax.training import train_and_evaluate
+
+    return train_and_evaluate(
+        config,
+        args.out,
+        resume=args.resume,
+        progress=not args.no_progress,
+        dataset=dataset,
+    )
+
+
+if __name__ == "__main__":
+    main()

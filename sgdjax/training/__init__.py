@@ -1,0 +1,54 @@
+"""Training with sgdjax: Flax CNNs, the train state and pure, jitted train/eval steps."""
+
+from sgdjax.training._checkpoint import Checkpointer
+from sgdjax.training._config import (
+    OPTIMIZERS,
+    PRESETS,
+    SCHEDULES,
+    Config,
+    make_optimizer,
+    make_schedule,
+)
+from sgdjax.training._loop import NonFiniteError, train_and_evaluate
+from sgdjax.training._models import (
+    MODELS,
+    ConvNet,
+    ResNet9,
+    ResNet18,
+    create_model,
+    max_pool_2x2,
+)
+from sgdjax.training._state import TrainState
+from sgdjax.training._step import (
+    cross_entropy,
+    default_preprocess,
+    evaluate,
+    find_learning_rate,
+    make_eval_step,
+    make_train_step,
+)
+
+__all__ = [
+    "Checkpointer",
+    "Config",
+    "ConvNet",
+    "MODELS",
+    "NonFiniteError",
+    "OPTIMIZERS",
+    "PRESETS",
+    "ResNet18",
+    "ResNet9",
+    "SCHEDULES",
+    "TrainState",
+    "create_model",
+    "cross_entropy",
+    "default_preprocess",
+    "evaluate",
+    "find_learning_rate",
+    "make_eval_step",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
+    "max_pool_2x2",
+    "train_and_evaluate",
+]

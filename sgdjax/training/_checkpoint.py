@@ -1,0 +1,88 @@
+"""Atomic orbax checkpoints of the whole train state, and resuming from the newest good one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from sgdjax.training._state import TrainState
+
+
+def _to_tree(state: TrainState, epoch: int) -> dict[str, Any]:
+    """The state as plain arrays (the PRNG key as its raw data) plus the epoch number."""
+    return {
+        "epoch": np.asarray(epoch, np.int32),
+        "step": state.step,
+        "params": state.params,
+        "model_state": state.model_state,
+        "opt_state": state.opt_state,
+        "rng": jax.random.key_data(state.rng),
+    }
+
+
+def _from_tree(tree: dict[str, Any], like: TrainState) -> tuple[TrainState, int]:
+    state = like.replace(
+        step=tree["step"],
+        params=tree["params"],
+        model_state=tree["model_state"],
+        opt_state=jax.tree.unflatten(
+            jax.tree.structure(like.opt_state), jax.tree.leaves(tree["opt_state"])
+        ),
+        rng=jax.random.wrap_key_data(tree["rng"], impl=jax.random.key_impl(like.rng)),
+    )
+    return state, int(tree["epoch"])
+
+
+class Checkpointer:
+    """Saves the train state every few epochs and restores the newest readable one.
+
+    Orbax writes each checkpoint into a temporary folder and renames it when complete,
+    so a crash never leaves a half-written checkpoint that looks finished. Restoring
+    reads array data only (no pickled code). If the newest checkpoint is unreadable,
+    the next older one is used and the returned note says so.
+    """
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def save(self, epoch: int, state: TrainState) -> None:
+        """Writes the checkpoint for ``epoch`` and waits until it is complete on disk."""
+        self._manager.save(epoch, args=self._ocp.args.StandardSave(_to_tree(state, epoch)))
+        self._manager.wait_until_finished()
+
+    def restore_latest(self, like: TrainState) -> tuple[TrainState, int, str] | None:
+        """``(state, epoch, note)`` from the newest readable checkpoint, or None if none."""
+        self._manager.reload()
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        template = _to_tree(like, 0)
+        skipped = []
+        for step in steps:
+            try:
+                tree = self._manager.restore(step, args=self._ocp.args.StandardRestore(template))
+                state, epoch = _from_tree(tree, like)
+            except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped
+                skipped.append(f"epoch {step} ({type(error).__name__})")
+                continue
+            note = f"resuming from the checkpoint of epoch {epoch} in {self.directory}"
+            if skipped:
+                note += f"; skipped unreadable checkpoint(s): {', '.join(skipped)}"
+            return state, epoch, note
+        if skipped:
+            print(
+                f"no readable checkpoint in {self.directory} ({', '.join(skipped)}); "
+                "starting from scratch"
+            )
+        return None
+
+    def close(self) -> None:
+        self._manager.close()

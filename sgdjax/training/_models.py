@@ -1,0 +1,183 @@
+"""Flax Linen CNNs for CIFAR-10 (NHWC): the tutorial ConvNet, ResNet-9 and ResNet-18."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max pooling with stride 2 on NHWC, written as a reshape and a max.
+
+    Equal to ``nn.max_pool(x, (2, 2), (2, 2))`` for even sizes. Its gradient is a
+    plain masked broadcast, which XLA's CPU backend runs much faster than the
+    select-and-scatter it emits for ``nn.max_pool``'s gradient.
+    """
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class _ConvBN(nn.Module):
+    """3x3 convolution (no bias), BatchNorm, ReLU; optionally a 2x2 max-pool before BN."""
+
+    features: int
+    pool: bool = False
+    strides: int = 1
+    relu: bool = True
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = nn.Conv(
+            self.features,
+            (3, 3),
+            strides=self.strides,
+            padding=1,
+            use_bias=False,
+            dtype=self.dtype,
+        )(x)
+        if self.pool:
+            x = max_pool_2x2(x)
+        x = _batch_norm(train, self.dtype, self.bn_axis_name)(x)
+        return nn.relu(x) if self.relu else x
+
+
+def _batch_norm(train: bool, dtype: Any, axis_name: str | None) -> nn.BatchNorm:
+    # torch's BatchNorm2d defaults: momentum 0.1 (flax: 1 - 0.1), eps 1e-5.
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        axis_name=axis_name if train else None,
+    )
+
+
+class ConvNet(nn.Module):
+    """The tutorial CNN: two conv-BN-ReLU-pool stages and a dense classifier.
+
+    conv3x3(32) - BN - ReLU - maxpool2 - conv3x3(64) - BN - ReLU - maxpool2 - dense(10).
+
+    Attributes:
+      num_classes: outputs of the classifier.
+      dtype: compute dtype (parameters stay float32).
+      bn_axis_name: a mapped axis to average BatchNorm statistics over (``pmap``).
+    """
+
+    num_classes: int = 10
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = x.astype(self.dtype)
+        for features in (32, 64):
+            x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype)(x)
+            x = _batch_norm(train, self.dtype, self.bn_axis_name)(x)
+            x = max_pool_2x2(nn.relu(x))
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class _Residual(nn.Module):
+    features: int
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        y = _ConvBN(self.features, dtype=self.dtype, bn_axis_name=self.bn_axis_name)(x, train=train)
+        y = _ConvBN(self.features, dtype=self.dtype, bn_axis_name=self.bn_axis_name)(y, train=train)
+        return x + y
+
+
+class ResNet9(nn.Module):
+    """David Page's DAWNBench ResNet-9 for CIFAR-10.
+
+    prep conv(64); layer1 conv(128)+pool + residual(2 x conv(128)); layer2 conv(256)+pool;
+    layer3 conv(512)+pool + residual(2 x conv(512)); global max-pool; dense(10) x 0.125.
+
+    Attributes:
+      num_classes: outputs of the classifier.
+      dtype: compute dtype (parameters stay float32).
+      bn_axis_name: a mapped axis to average BatchNorm statistics over (``pmap``).
+    """
+
+    num_classes: int = 10
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        options = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        x = x.astype(self.dtype)
+        x = _ConvBN(64, **options)(x, train=train)
+        x = _ConvBN(128, pool=True, **options)(x, train=train)
+        x = _Residual(128, **options)(x, train=train)
+        x = _ConvBN(256, pool=True, **options)(x, train=train)
+        x = _ConvBN(512, pool=True, **options)(x, train=train)
+        x = _Residual(512, **options)(x, train=train)
+        x = jnp.max(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype)(x)
+        return (x * 0.125).astype(jnp.float32)
+
+
+class _BasicBlock(nn.Module):
+    features: int
+    strides: int = 1
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        options = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        y = _ConvBN(self.features, strides=self.strides, **options)(x, train=train)
+        y = _ConvBN(self.features, relu=False, **options)(y, train=train)
+        if self.strides != 1 or x.shape[-1] != self.features:
+            x = nn.Conv(
+                self.features, (1, 1), strides=self.strides, use_bias=False, dtype=self.dtype
+            )(x)
+            x = _batch_norm(train, self.dtype, self.bn_axis_name)(x)
+        return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18, CIFAR variant: 3x3 stem, no stem pooling, blocks [2, 2, 2, 2].
+
+    Attributes:
+      num_classes: outputs of the classifier.
+      stage_sizes: blocks per stage.
+      dtype: compute dtype (parameters stay float32).
+      bn_axis_name: a mapped axis to average BatchNorm statistics over (``pmap``).
+    """
+
+    num_classes: int = 10
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        options = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        x = _ConvBN(64, **options)(x.astype(self.dtype), train=train)
+        for stage, blocks in enumerate(self.stage_sizes):
+            for block in range(blocks):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = _BasicBlock(64 * 2**stage, strides=strides, **options)(x, train=train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+MODELS = {"convnet": ConvNet, "resnet9": ResNet9, "resnet18": ResNet18}
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """The model called ``name`` (one of ``MODELS``), with its attributes set."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    return MODELS[name](**kwargs)

@@ -1,0 +1,69 @@
+"""The training state: one pytree holding everything a run needs to continue."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Step, parameters, model state, optimizer state and PRNG key, as one pytree.
+
+    Attributes:
+      step: int32 number of training steps taken.
+      params: the model parameters.
+      model_state: the model's other collections, e.g. ``{"batch_stats": ...}``.
+      opt_state: the optimizer state.
+      rng: the PRNG key that the next step splits for its randomness.
+      apply_fn: the model's ``apply`` (static, not part of the pytree).
+      tx: the gradient transformation (static).
+    """
+
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    rng: jax.Array
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        model: nn.Module,
+        tx: optax.GradientTransformation,
+        rng: jax.Array,
+        sample_input: jax.Array,
+    ) -> TrainState:
+        """Initialises the model's variables and the optimizer state.
+
+        Args:
+          model: a Flax module called as ``model(x, train=...)``.
+          tx: any sgdjax or optax transform.
+          rng: a PRNG key; split into the init key and the training key.
+          sample_input: a batch of the input shape (its values are not used).
+
+        Returns:
+          A new :class:`TrainState` at step 0.
+        """
+        init_key, train_key = jax.random.split(rng)
+        variables = model.init(init_key, sample_input, train=False)
+        params = variables["params"]
+        model_state = {name: value for name, value in variables.items() if name != "params"}
+        return cls(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=tx.init(params),
+            rng=train_key,
+            apply_fn=model.apply,
+            tx=tx,
+        )

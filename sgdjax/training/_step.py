@@ -1,0 +1,253 @@
+"""The pure training and evaluation steps: ``(state, batch) -> (state, metrics)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgdjax._clipping import global_norm
+from sgdjax._combine import apply_updates
+from sgdjax.data import normalize
+from sgdjax.training._state import TrainState
+
+Batch = dict[str, jax.Array]
+AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Mean softmax cross-entropy with integer labels and optional label smoothing.
+
+    Rule, with ``K`` classes and smoothing ``s``::
+
+        q = (1 - s) * onehot(y) + s / K
+        loss = mean_i( -sum_k q_ik * log_softmax(z_i)_k )
+
+    The same numbers as ``torch.nn.functional.cross_entropy(..., label_smoothing=s)``.
+    """
+    num_classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.mean(jnp.sum(targets * log_probs, axis=-1))
+
+
+def default_preprocess(images: jax.Array) -> jax.Array:
+    """uint8 pixels -> CIFAR-normalized float32; float inputs pass through unchanged."""
+    if jnp.issubdtype(images.dtype, jnp.integer):
+        return normalize(images)
+    return images
+
+
+def _augment_per_example(augment_fn: AugmentFn, keys: jax.Array, images: jax.Array) -> jax.Array:
+    """Applies ``augment_fn`` to each example with its own key (split-invariant randomness)."""
+    return jax.vmap(lambda key, image: augment_fn(key, image[None])[0])(keys, images)
+
+
+def find_learning_rate(opt_state: Any) -> jax.Array | None:
+    """The ``learning_rate`` hyperparameter stored by ``inject_hyperparams``, if any."""
+    found = []
+
+    def visit(node):
+        hyperparams = getattr(node, "hyperparams", None)
+        if isinstance(hyperparams, dict) and "learning_rate" in hyperparams:
+            found.append(hyperparams["learning_rate"])
+            return True
+        return False
+
+    jax.tree.map(lambda _: None, opt_state, is_leaf=visit)
+    return jnp.asarray(found[0], jnp.float32) if found else None
+
+
+def make_train_step(
+    *,
+    augment_fn: AugmentFn | None = None,
+    preprocess_fn: Callable[[jax.Array], jax.Array] = default_preprocess,
+    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+    label_smoothing: float = 0.0,
+    axis_name: str | None = None,
+    accumulate: int = 1,
+    donate: bool = True,
+    jit: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds the pure training step ``(state, batch) -> (state, metrics)``.
+
+    One step: split ``state.rng``; augment each example with its own key (so the
+    randomness does not depend on how the batch is split over devices); normalize;
+    forward and backward with the model state (BatchNorm statistics) mutable; average
+    gradients over ``axis_name`` when mapped; ``state.tx.update``; apply the updates.
+
+    Args:
+      augment_fn: ``(key, images) -> images`` on uint8 batches, e.g.
+        ``sgdjax.data.augment``; ``None`` for no augmentation.
+      preprocess_fn: images -> model inputs (default: CIFAR normalization of uint8).
+      learning_rate_fn: step -> learning rate, for the ``learning_rate`` metric;
+        without it the rate is read from an ``inject_hyperparams`` state if there is
+        one, else reported as NaN.
+      label_smoothing: label smoothing of the cross-entropy loss.
+      axis_name: the mapped axis (``jax.pmap`` / ``shard_map``) to average gradients,
+        model state and metrics over; ``None`` when not mapped.
+      accumulate: split the batch into this many micro-batches and average their
+        gradients before one update (for models without BatchNorm this equals one
+        step on the whole batch; BatchNorm sees micro-batch statistics).
+      donate: donate the input state's buffers to the output (jit only).
+      jit: return the step jitted.
+
+    Returns:
+      ``train_step(state, batch)`` with ``batch = {"image": ..., "label": ...}``,
+      returning the new state and the metrics ``loss``, ``accuracy``, ``grad_norm``
+      and ``learning_rate``.
+    """
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be >= 1, got {accumulate!r}")
+
+    def loss_and_grads(state, params, model_state, images, labels):
+        def loss_fn(params):
+            logits, new_model_state = state.apply_fn(
+                {"params": params, **model_state},
+                images,
+                train=True,
+                mutable=list(model_state),
+            )
+            loss = cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            return loss, (logits, new_model_state)
+
+        (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        correct = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        return loss, correct, grads, new_model_state
+
+    def train_step(state: TrainState, batch: Batch):
+        rng, step_key = jax.random.split(state.rng)
+        images, labels = batch["image"], batch["label"]
+        if augment_fn is not None:
+            local = images.shape[0]
+            if axis_name is None:
+                keys = jax.random.split(step_key, local)
+            else:
+                total = jax.lax.psum(local, axis_name)
+                keys = jax.random.split(step_key, total)
+                start = jax.lax.axis_index(axis_name) * local
+                keys = jax.lax.dynamic_slice_in_dim(keys, start, local)
+            images = _augment_per_example(augment_fn, keys, images)
+        images = preprocess_fn(images)
+
+        if accumulate == 1:
+            loss, accuracy, grads, model_state = loss_and_grads(
+                state, state.params, state.model_state, images, labels
+            )
+        else:
+            if images.shape[0] % accumulate:
+                raise ValueError(
+                    f"batch of {images.shape[0]} does not split into accumulate={accumulate} "
+                    "micro-batches"
+                )
+            micro_images = images.reshape(accumulate, -1, *images.shape[1:])
+            micro_labels = labels.reshape(accumulate, -1)
+
+            def micro_step(carry, micro):
+                grads_sum, model_state = carry
+                loss, accuracy, grads, model_state = loss_and_grads(
+                    state, state.params, model_state, *micro
+                )
+                grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+                return (grads_sum, model_state), (loss, accuracy)
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads_sum, model_state), (losses, accuracies) = jax.lax.scan(
+                micro_step, (zeros, state.model_state), (micro_images, micro_labels)
+            )
+            grads = jax.tree.map(lambda g: g / accumulate, grads_sum)
+            loss, accuracy = jnp.mean(losses), jnp.mean(accuracies)
+
+        if axis_name is not None:
+            grads, model_state, loss, accuracy = jax.lax.pmean(
+                (grads, model_state, loss, accuracy), axis_name
+            )
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = apply_updates(state.params, updates)
+        if learning_rate_fn is not None:
+            learning_rate = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+        else:
+            learning_rate = find_learning_rate(state.opt_state)
+            if learning_rate is None:
+                learning_rate = jnp.float32(jnp.nan)
+        metrics = {
+            "loss": loss,
+            "accuracy": accuracy,
+            "grad_norm": global_norm(grads),
+            "learning_rate": learning_rate,
+        }
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            model_state=model_state,
+            opt_state=opt_state,
+            rng=rng,
+        )
+        return new_state, metrics
+
+    if jit:
+        return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    return train_step
+
+
+def make_eval_step(
+    *, preprocess_fn: Callable[[jax.Array], jax.Array] = default_preprocess, jit: bool = True
+) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """Builds ``eval_step(state, batch) -> sums`` with running BatchNorm statistics.
+
+    The batch may carry a ``"mask"`` (1 for real examples, 0 for padding). The
+    returned ``loss_sum``, ``correct`` and ``count`` add up over batches.
+    """
+
+    def eval_step(state: TrainState, batch: Batch):
+        images = preprocess_fn(batch["image"])
+        logits = state.apply_fn({"params": state.params, **state.model_state}, images, train=False)
+        labels = batch["label"]
+        mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32))
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+        losses = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        return {
+            "loss_sum": jnp.sum(losses * mask),
+            "correct": jnp.sum(correct * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return jax.jit(eval_step) if jit else eval_step
+
+
+def evaluate(
+    eval_step: Callable[[TrainState, Batch], dict[str, jax.Array]],
+    state: TrainState,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+) -> dict[str, float]:
+    """Loss and accuracy over a whole data set; the last batch is padded and masked.
+
+    Every batch has the same shape, so the step compiles once.
+    """
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    for start in range(0, len(images), batch_size):
+        chunk_images = images[start : start + batch_size]
+        chunk_labels = labels[start : start + batch_size]
+        real = len(chunk_images)
+        pad = batch_size - real
+        if pad:
+            chunk_images = np.concatenate(
+                [chunk_images, np.zeros((pad, *chunk_images.shape[1:]), chunk_images.dtype)]
+            )
+            chunk_labels = np.concatenate([chunk_labels, np.zeros((pad,), chunk_labels.dtype)])
+        mask = np.concatenate([np.ones(real, np.float32), np.zeros(pad, np.float32)])
+        sums = eval_step(state, {"image": chunk_images, "label": chunk_labels, "mask": mask})
+        for key in totals:
+            totals[key] += float(sums[key])
+    count = max(totals["count"], 1.0)
+    return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count}
