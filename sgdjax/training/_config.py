@@ -80,7 +80,7 @@ def make_schedule(config: Config, steps_per_epoch: int) -> sgdjax.Schedule:
     if config.schedule == "cosine":
         return schedules.cosine_annealing(lr, t_max=total)
     if config.schedule == "onecycle":
-        return schedules.one_cycle(lr, total_steps=max(total, 4), pct_start=0.25)
+        return schedules.one_cycle(lr, total_steps=max(total, 8), pct_start=0.25)
     if config.schedule == "step":
         return schedules.step_decay(lr, step_size=max(1, total // 3), gamma=0.1)
     if config.schedule == "multistep":

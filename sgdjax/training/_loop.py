@@ -216,7 +216,8 @@ def train_and_evaluate(
             bar.update(1)
         bar.close()
         train_seconds += epoch_step_seconds
-        test = evaluate(eval_step, state, test_images, test_labels, config.eval_batch_size)
+        eval_batch_size = min(config.eval_batch_size, len(test_images))
+        test = evaluate(eval_step, state, test_images, test_labels, eval_batch_size)
         measured_steps = len(losses) - (1 if epoch == start_epoch + 1 else 0)
         row = {
             "epoch": epoch,

@@ -1,0 +1,175 @@
+"""experiments/cifar.py end to end on a tiny generated image folder."""
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = [f"class{i}" for i in range(10)]
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("cifar_cli", ROOT / "experiments" / "cifar.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cifar = _load_cli()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 4)):
+        for name in CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+def _args(data_dir, out, *extra):
+    return [
+        "--data-dir", str(data_dir), "--out", str(out), "--batch-size", "16", "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_one_epoch_writes_every_output(tiny_data, tmp_path):
+    summary = cifar.main(_args(tiny_data, tmp_path / "run", "--epochs", "1"))
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["epoch"] == 1 and rows[0]["step"] == 5
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+        "learning_rate",
+        "epoch_seconds",
+        "images_per_second",
+    ):
+        assert np.isfinite(rows[0][key]), key
+    written = json.loads((out / "summary.json").read_text())
+    assert written["test_accuracy"] == summary["test_accuracy"]
+    for key in ("wall_seconds", "compile_seconds", "images_per_second", "config", "environment"):
+        assert key in written
+    assert written["config"]["model"] == "convnet" and written["config"]["epochs"] == 1
+    assert written["environment"]["versions"]["jax"] == jax.__version__
+    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "1").is_dir()
+
+
+def _final_params(out):
+    from sgdjax.training import Checkpointer
+
+    checkpointer = Checkpointer(out / "checkpoints")
+    checkpointer._manager.reload()
+    step = checkpointer._manager.latest_step()
+    tree = checkpointer._manager.restore(step)
+    checkpointer.close()
+    return tree["params"], step
+
+
+def test_run_killed_mid_training_resumes_to_identical_parameters(tiny_data, tmp_path):
+    """SIGKILL a real run once its first checkpoint exists; --resume ends bit-identical."""
+    common = ("--epochs", "3", "--schedule", "cosine")
+    cifar.main(_args(tiny_data, tmp_path / "straight", *common))
+
+    out = tmp_path / "killed"
+    command = [
+        sys.executable,
+        str(ROOT / "experiments" / "cifar.py"),
+        *_args(tiny_data, out, *common),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "1").is_dir() and time.time() < deadline:
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (out / "checkpoints" / "1").is_dir()
+    assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+
+    cifar.main(_args(tiny_data, out, "--resume", *common))
+    straight, step_a = _final_params(tmp_path / "straight")
+    resumed, step_b = _final_params(out)
+    assert step_a == step_b == 3
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3]
+
+
+BAD_FLAGS = [
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--batch-size", "-4"], "--batch-size must be positive"),
+    (["--learning-rate", "0"], "--learning-rate must be a positive number"),
+    (["--learning-rate", "nan"], "--learning-rate must be a positive number"),
+    (["--momentum", "1.0"], "--momentum must lie in"),
+    (["--nesterov", "--momentum", "0"], "--nesterov needs"),
+    (["--model", "vgg"], "invalid choice: 'vgg'"),
+    (["--preset", "nope"], "invalid choice: 'nope'"),
+    (["--optimizer", "lion"], "invalid choice: 'lion'"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--batch-size", "12"], "not divisible by the device count"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_FLAGS, ids=[b[1][:30] for b in BAD_FLAGS])
+def test_bad_flags_exit_2_with_one_line(tiny_data, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exited:
+        cifar.main(["--data-dir", str(tiny_data), "--out", str(tmp_path / "o"), *extra])
+    assert exited.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and message in error_lines[0]
+
+
+@pytest.mark.parametrize(
+    "make_dir, message",
+    [
+        (lambda tmp: tmp / "missing", "no such directory"),
+        (lambda tmp: tmp, "is empty"),
+    ],
+)
+def test_bad_data_directories(tmp_path, capsys, make_dir, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exited:
+        cifar.main(["--data-dir", str(make_dir(empty)), "--out", str(tmp_path / "o")])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_output_directory(tiny_data, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exited:
+        cifar.main(["--data-dir", str(tiny_data), "--out", str(blocker / "sub")])
+    assert exited.value.code == 2 and "cannot write there" in capsys.readouterr().err
+
+
+def test_entry_point_runs_as_a_script(tiny_data, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "cifar.py"),
+         *_args(tiny_data, tmp_path / "script", "--epochs", "1", "--max-steps", "2")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "epoch   1" in result.stdout
+    assert (tmp_path / "script" / "summary.json").is_file()

@@ -1,0 +1,140 @@
+"""Models, train state and the pure train/eval steps, on tiny generated data."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sgdjax
+from sgdjax import data, training
+
+
+def _batch(n=8, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        "label": rng.integers(0, 10, n).astype(np.int32),
+    }
+
+
+def _state(model, tx=None, size=32):
+    tx = tx or sgdjax.sgd(0.01, momentum=0.9, weight_decay=5e-4)
+    return training.TrainState.create(
+        model=model, tx=tx, rng=jax.random.key(0), sample_input=jnp.zeros((1, size, size, 3))
+    )
+
+
+@pytest.mark.parametrize(
+    "model, size",
+    [
+        (training.ConvNet(), 32),
+        (training.ResNet9(), 16),
+        (training.ResNet18(stage_sizes=(1, 1, 1, 1)), 16),
+    ],
+    ids=["convnet", "resnet9", "resnet18_small"],
+)
+def test_one_real_training_step_per_model(model, size):
+    state = _state(model, size=size)
+    step = training.make_train_step(augment_fn=data.augment)
+    new_state, metrics = step(state, _batch(4, size))
+    assert set(metrics) == {"loss", "accuracy", "grad_norm", "learning_rate"}
+    chex.assert_tree_all_finite((new_state.params, metrics["loss"], metrics["grad_norm"]))
+    assert int(new_state.step) == 1
+    assert "batch_stats" in new_state.model_state
+
+
+def test_resnet18_has_the_standard_layout():
+    params = _state(training.ResNet18()).params
+    leaves = jax.tree.leaves(params)
+    assert len(leaves) == 62  # as torchvision's CIFAR ResNet-18: 62 parameter tensors
+    assert 11_100_000 < sum(x.size for x in leaves) < 11_200_000
+
+
+def test_reshape_max_pool_equals_flax_max_pool():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))  # continuous values: no ties
+    chex.assert_trees_all_close(
+        training.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)), rtol=0, atol=0
+    )
+    weights = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
+    ours = jax.grad(lambda x: jnp.sum(training.max_pool_2x2(x) * weights))(x)
+    flax_grad = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)) * weights))(x)
+    chex.assert_trees_all_close(ours, flax_grad)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    state = _state(training.ConvNet(), tx=sgdjax.sgd(0.01, momentum=0.9))
+    step = training.make_train_step()
+    batch = _batch(16)
+    losses = []
+    for _ in range(20):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_works_with_optax_and_reads_injected_learning_rate():
+    tx = sgdjax.inject_hyperparams(optax.sgd)(learning_rate=0.03, momentum=0.9)
+    state = _state(training.ConvNet(), tx=tx)
+    _, metrics = training.make_train_step()(state, _batch())
+    np.testing.assert_allclose(metrics["learning_rate"], 0.03, rtol=1e-6)
+    schedule = sgdjax.schedules.exponential_decay(0.1, gamma=0.5)
+    state = _state(training.ConvNet(), tx=sgdjax.sgd(schedule))
+    step = training.make_train_step(learning_rate_fn=schedule)
+    for expected in (0.1, 0.05, 0.025):
+        state, metrics = step(state, _batch())
+        np.testing.assert_allclose(metrics["learning_rate"], expected, rtol=1e-6)
+
+
+def test_step_donates_the_old_state():
+    state = _state(training.ConvNet())
+    old_kernel = jax.tree.leaves(state.params)[0]
+    new_state, _ = training.make_train_step()(state, _batch())
+    assert old_kernel.is_deleted()
+    assert not jax.tree.leaves(new_state.params)[0].is_deleted()
+
+
+def test_batch_stats_move_in_training_and_not_in_evaluation():
+    state = _state(training.ConvNet())
+    before = jax.tree.map(np.asarray, state.model_state)
+    eval_step = training.make_eval_step()
+    eval_step(state, _batch())
+    chex.assert_trees_all_equal(before, jax.tree.map(np.asarray, state.model_state))
+    state, _ = training.make_train_step(donate=False)(state, _batch())
+    changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, state.model_state)
+    assert all(jax.tree.leaves(changed))
+
+
+def test_evaluate_handles_a_partial_last_batch():
+    state = _state(training.ConvNet())
+    batch = _batch(23)
+    eval_step = training.make_eval_step()
+    whole = training.evaluate(eval_step, state, batch["image"], batch["label"], batch_size=23)
+    chunked = training.evaluate(eval_step, state, batch["image"], batch["label"], batch_size=10)
+    np.testing.assert_allclose(chunked["loss"], whole["loss"], rtol=1e-5)
+    assert chunked["accuracy"] == whole["accuracy"]
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    state = _state(training.ConvNet(dtype=jnp.bfloat16))
+    state, metrics = training.make_train_step()(state, _batch())
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
+    chex.assert_tree_all_finite(metrics["loss"])
+
+
+def test_cross_entropy_matches_torch():
+    import torch
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 6)
+    for smoothing in (0.0, 0.2):
+        ours = training.cross_entropy(
+            jnp.asarray(logits), jnp.asarray(labels), label_smoothing=smoothing
+        )
+        theirs = torch.nn.functional.cross_entropy(
+            torch.tensor(logits), torch.tensor(labels), label_smoothing=smoothing
+        )
+        np.testing.assert_allclose(ours, theirs.item(), rtol=1e-6)
