@@ -146,12 +146,22 @@ def check_trees_match(
 
 
 def resolve_mask(mask: MaskOrFn, params: Any) -> Any:
-    """Returns a tree of Python bools shaped like ``params`` (all True when ``mask`` is None)."""
+    """Returns a tree of Python bools shaped like ``params`` (all True when ``mask`` is None).
+
+    ``mask`` is a tree of bools with the structure of ``params`` or a prefix of it, or a
+    callable returning one.
+    """
     if mask is None:
         return jax.tree.map(lambda _: True, params)
     tree = mask(params) if callable(mask) else mask
-    check_trees_match(params, tree, expected_name="params", got_name="mask", shapes=False)
-    return tree
+    try:
+        # A mask may be a prefix of the params: one bool then covers a whole subtree.
+        return jax.tree.map(
+            lambda flag, subtree: jax.tree.map(lambda _: flag, subtree), tree, params
+        )
+    except ValueError:
+        check_trees_match(params, tree, expected_name="params", got_name="mask", shapes=False)
+        raise
 
 
 def tree_map_split(fn: Callable[..., tuple], num_outputs: int, tree: Any, *rest: Any) -> tuple:

@@ -1,0 +1,99 @@
+"""Shared trees and a small problem set for optimizer tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def mixed_tree(dtype=jnp.float32, seed: int = 0) -> dict[str, Any]:
+    """Scalar, vector, dense kernel, conv kernel (HWIO) and a nested tuple/list."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(*shape):
+        return jnp.asarray(rng.normal(size=shape), dtype)
+
+    return {
+        "scale": leaf(),
+        "bias": leaf(7),
+        "dense": leaf(5, 3),
+        "conv": leaf(3, 3, 2, 4),
+        "nested": (leaf(2, 2), [leaf(4), leaf(1, 6)]),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A loss to minimise from ``init_params``, and a check of the result."""
+
+    name: str
+    init_params: Any
+    loss: Callable[[Any], jax.Array]
+    solved: Callable[[Any], bool]
+
+
+def quadratic() -> Problem:
+    """An ill-conditioned bowl 0.5 (x - c)^T diag(h) (x - c), condition number 50."""
+    h = jnp.asarray([1.0, 5.0, 20.0, 50.0])
+    center = jnp.asarray([1.0, -2.0, 0.5, 3.0])
+    return Problem(
+        "quadratic",
+        {"x": jnp.zeros(4)},
+        lambda p: 0.5 * jnp.sum(h * (p["x"] - center) ** 2),
+        lambda p: float(jnp.linalg.norm(p["x"] - center)) < 1e-3,
+    )
+
+
+def rosenbrock() -> Problem:
+    """(1 - x)^2 + 100 (y - x^2)^2 from (-1.2, 1); minimum at (1, 1)."""
+    return Problem(
+        "rosenbrock",
+        {"xy": jnp.asarray([-1.2, 1.0])},
+        lambda p: (1.0 - p["xy"][0]) ** 2 + 100.0 * (p["xy"][1] - p["xy"][0] ** 2) ** 2,
+        lambda p: float(jnp.linalg.norm(p["xy"] - 1.0)) < 1e-2,
+    )
+
+
+def logistic_regression() -> Problem:
+    """Generated, nearly separable two-class data in 5 dimensions (fixed seed)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 5)).astype(np.float32)
+    w_true = np.asarray([2.0, -1.0, 0.5, 0.0, 1.5], np.float32)
+    y = (x @ w_true + 0.1 * rng.normal(size=400) > 0).astype(np.float32)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+
+    def loss(p):
+        logits = x @ p["w"] + p["b"]
+        return jnp.mean(jnp.logaddexp(0.0, logits) - y * logits)
+
+    def solved(p):
+        accuracy = float(jnp.mean(((x @ p["w"] + p["b"]) > 0) == (y > 0.5)))
+        return accuracy >= 0.95 and float(loss(p)) < 0.2
+
+    return Problem("logistic_regression", {"w": jnp.zeros(5), "b": jnp.zeros(())}, loss, solved)
+
+
+PROBLEMS = (quadratic, rosenbrock, logistic_regression)
+
+
+def minimise(tx, problem: Problem, num_steps: int):
+    """Runs ``num_steps`` updates of ``tx`` in one jitted ``lax.scan``; returns params."""
+    import sgdjax
+
+    def step(carry, _):
+        params, state = carry
+        grads = jax.grad(problem.loss)(params)
+        updates, state = tx.update(grads, state, params)
+        return (sgdjax.apply_updates(params, updates), state), None
+
+    @jax.jit
+    def run(params):
+        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=num_steps)
+        return params
+
+    return run(problem.init_params)
