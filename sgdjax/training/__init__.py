@@ -18,6 +18,7 @@ from sgdjax.training._models import (
     create_model,
     max_pool_2x2,
 )
+from sgdjax.training._parallel import MODES, ParallelStep, make_parallel_train_step, needs_bn_axis
 from sgdjax.training._state import TrainState
 from sgdjax.training._step import (
     cross_entropy,
@@ -33,9 +34,11 @@ __all__ = [
     "Config",
     "ConvNet",
     "MODELS",
+    "MODES",
     "NonFiniteError",
     "OPTIMIZERS",
     "PRESETS",
+    "ParallelStep",
     "ResNet18",
     "ResNet9",
     "SCHEDULES",
@@ -47,8 +50,10 @@ __all__ = [
     "find_learning_rate",
     "make_eval_step",
     "make_optimizer",
+    "make_parallel_train_step",
     "make_schedule",
     "make_train_step",
     "max_pool_2x2",
+    "needs_bn_axis",
     "train_and_evaluate",
 ]

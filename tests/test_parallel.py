@@ -1,0 +1,135 @@
+"""Every parallel mode equals the single-device run on the whole batch (8 fake CPU devices)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sgdjax
+from sgdjax import data, parallel, training
+
+BATCH = 16
+
+
+def _batches(count, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "image": rng.integers(0, 256, (BATCH, 8, 8, 3), dtype=np.uint8),
+            "label": rng.integers(0, 10, BATCH).astype(np.int32),
+        }
+        for _ in range(count)
+    ]
+
+
+class _TinyNet(training.ConvNet):
+    """The ConvNet on 8x8 inputs (two pools leave 2x2): fast enough for 20 steps x 5 modes."""
+
+
+def _state(bn_axis_name=None):
+    model = _TinyNet(bn_axis_name=bn_axis_name)
+    tx = sgdjax.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    return training.TrainState.create(
+        model=model, tx=tx, rng=jax.random.key(0), sample_input=jnp.zeros((1, 8, 8, 3))
+    )
+
+
+def _run(mode, batches, **options):
+    parallel_step = training.make_parallel_train_step(mode, num_devices=8, **options)
+    state = parallel_step.place_state(_state("data" if training.needs_bn_axis(mode) else None))
+    for batch in batches:
+        state, metrics = parallel_step.step(state, parallel_step.place_batch(batch))
+    return parallel_step.gather_state(state), metrics, state
+
+
+def _comparable(state):
+    return jax.tree.map(np.asarray, (state.step, state.params, state.model_state, state.opt_state))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    batches = _batches(20)
+    return {
+        count: _run("none", batches[:count], augment_fn=data.augment) for count in (1, 20)
+    }, batches
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded", "shard_map", "zero"])
+@pytest.mark.parametrize("count", [1, 20])
+def test_mode_equals_single_device(reference, mode, count):
+    expected, batches = reference
+    state, metrics, _ = _run(mode, batches[:count], augment_fn=data.augment)
+    chex.assert_trees_all_close(
+        _comparable(state), _comparable(expected[count][0]), rtol=1e-5, atol=1e-5
+    )
+    expected_metrics = expected[count][1]
+    for key in ("loss", "accuracy"):
+        np.testing.assert_allclose(np.ravel(metrics[key])[0], expected_metrics[key], rtol=1e-5)
+
+
+def test_zero_partitions_optimizer_state():
+    _, _, placed = _run("zero", _batches(1))
+    _, _, replicated = _run("sharded", _batches(1))
+    zero_bytes = parallel.bytes_per_device(placed.opt_state)
+    full_bytes = parallel.bytes_per_device(replicated.opt_state)
+    assert len(zero_bytes) == 8
+    ratio = max(zero_bytes.values()) / max(full_bytes.values())
+    assert ratio < 0.2, ratio  # about 1/8, plus the few leaves too small to split
+    momentum = jax.tree.leaves(
+        placed.opt_state.inner_state
+        if hasattr(placed.opt_state, "inner_state")
+        else placed.opt_state
+    )
+    assert any(not leaf.sharding.is_fully_replicated for leaf in momentum)
+
+
+def test_accumulation_equals_one_large_batch():
+    """Without BatchNorm, k micro-batches per update equal one k-times-larger batch."""
+    import flax.linen as nn
+
+    class NoNorm(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train):
+            x = nn.relu(nn.Conv(8, (3, 3))(x))
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+    def fresh():
+        return training.TrainState.create(
+            model=NoNorm(), tx=sgdjax.sgd(0.05, momentum=0.9), rng=jax.random.key(1),
+            sample_input=jnp.zeros((1, 8, 8, 3)),
+        )  # fmt: skip
+
+    batches = _batches(3)
+    whole = training.make_train_step()
+    accumulated = training.make_train_step(accumulate=4)
+    state_a, state_b = fresh(), fresh()
+    for batch in batches:
+        state_a, _ = whole(state_a, batch)
+        state_b, _ = accumulated(state_b, batch)
+    chex.assert_trees_all_close(state_a.params, state_b.params, rtol=1e-5, atol=1e-6)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="only 8 cpu device"):
+        training.make_parallel_train_step("sharded", num_devices=9)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        training.make_parallel_train_step("ring")
+    step = training.make_parallel_train_step("pmap", num_devices=8)
+    with pytest.raises(ValueError, match="batch size 12 is not divisible by the device count 8"):
+        step.place_batch({"image": np.zeros((12, 8, 8, 3), np.uint8), "label": np.zeros(12)})
+
+
+def test_initialize_distributed_is_a_no_op_for_one_process(monkeypatch):
+    for name in (
+        "SGDJAX_COORDINATOR",
+        "SGDJAX_NUM_PROCESSES",
+        "SGDJAX_PROCESS_ID",
+        "SLURM_JOB_ID",
+        "TPU_WORKER_HOSTNAMES",
+        "OMPI_COMM_WORLD_SIZE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.initialize_distributed() is False
+    with pytest.raises(ValueError, match="SGDJAX_PROCESS_ID"):
+        parallel.initialize_distributed(coordinator_address="localhost:1234", num_processes=2)
