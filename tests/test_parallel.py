@@ -76,12 +76,7 @@ def test_zero_partitions_optimizer_state():
     assert len(zero_bytes) == 8
     ratio = max(zero_bytes.values()) / max(full_bytes.values())
     assert ratio < 0.2, ratio  # about 1/8, plus the few leaves too small to split
-    momentum = jax.tree.leaves(
-        placed.opt_state.inner_state
-        if hasattr(placed.opt_state, "inner_state")
-        else placed.opt_state
-    )
-    assert any(not leaf.sharding.is_fully_replicated for leaf in momentum)
+    assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(placed.opt_state))
 
 
 def test_accumulation_equals_one_large_batch():
