@@ -19,7 +19,7 @@ PRESET_NAMES = ("tutorial", "resnet9")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sgdjax.training import MODELS
+    from sgdjax.training import MODELS, MODES
     from sgdjax.training._config import OPTIMIZERS, SCHEDULES
 
     parser = argparse.ArgumentParser(
@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-subset", type=int, help="use the first N training images")
     parser.add_argument("--test-subset", type=int, help="use the first N test images")
     parser.add_argument("--max-bad-steps", type=int, help="stop after N non-finite steps in a row")
+    parser.add_argument("--parallel", choices=MODES, help="data-parallel mode")
+    parser.add_argument("--num-devices", type=int, help="devices to use (default: all)")
+    parser.add_argument("--accumulate", type=int, help="micro-batches per update")
+    parser.add_argument(
+        "--coordinator", help="multi-host: host:port of process 0 (or SGDJAX_COORDINATOR)"
+    )
+    parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -103,13 +111,26 @@ def validate(config, args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if not 0 <= config.label_smoothing < 1:
         parser.error(f"--label-smoothing must lie in [0, 1), got {config.label_smoothing}")
 
+    if config.accumulate <= 0:
+        parser.error(f"--accumulate must be positive, got {config.accumulate}")
+    if config.batch_size % config.accumulate:
+        parser.error(
+            f"--batch-size {config.batch_size} is not divisible by --accumulate {config.accumulate}"
+        )
+
     import jax
 
-    devices = jax.device_count()
-    if config.batch_size % devices:
-        parser.error(
-            f"--batch-size {config.batch_size} is not divisible by the device count {devices}"
-        )
+    available = jax.device_count()
+    if config.num_devices is not None and not 0 < config.num_devices <= available:
+        parser.error(f"--num-devices {config.num_devices}: only {available} device(s) exist")
+    if config.parallel != "none":
+        devices = config.num_devices or available
+        if (config.batch_size // config.accumulate) % devices:
+            parser.error(
+                f"--batch-size {config.batch_size} (per micro-batch "
+                f"{config.batch_size // config.accumulate}) is not divisible by the device "
+                f"count {devices}"
+            )
 
     out = Path(args.out)
     try:
@@ -138,6 +159,12 @@ def load_data(args, parser):
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from sgdjax.parallel import initialize_distributed
+
+    try:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as error:
+        parser.error(str(error))
     config = make_config(args)
     validate(config, args, parser)
     dataset = load_data(args, parser)

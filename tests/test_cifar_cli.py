@@ -127,7 +127,9 @@ BAD_FLAGS = [
     (["--preset", "nope"], "invalid choice: 'nope'"),
     (["--optimizer", "lion"], "invalid choice: 'lion'"),
     (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
-    (["--batch-size", "12"], "not divisible by the device count"),
+    (["--batch-size", "12", "--parallel", "pmap"], "not divisible by the device count 8"),
+    (["--num-devices", "9", "--parallel", "sharded"], "only 8 device(s) exist"),
+    (["--accumulate", "3"], "not divisible by --accumulate 3"),
 ]
 
 
@@ -162,6 +164,14 @@ def test_unwritable_output_directory(tiny_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         cifar.main(["--data-dir", str(tiny_data), "--out", str(blocker / "sub")])
     assert exited.value.code == 2 and "cannot write there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["pmap", "zero"])
+def test_parallel_modes_from_the_command_line(tiny_data, tmp_path, mode):
+    summary = cifar.main(
+        _args(tiny_data, tmp_path / mode, "--epochs", "1", "--parallel", mode, "--max-steps", "2")
+    )
+    assert np.isfinite(summary["test_accuracy"])
 
 
 def test_entry_point_runs_as_a_script(tiny_data, tmp_path):

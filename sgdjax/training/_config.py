@@ -40,7 +40,9 @@ class Config:
     test_subset: int | None = None
     checkpoint_every: int = 1
     max_bad_steps: int = 20
-    diagnostics: bool = False
+    parallel: str = "none"
+    num_devices: int | None = None
+    accumulate: int = 1
 
 
 PRESETS: dict[str, dict[str, Any]] = {

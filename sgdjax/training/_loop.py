@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgdjax import data
+from sgdjax.parallel import DATA_AXIS
 from sgdjax.training import _checkpoint
 from sgdjax.training._config import Config, make_optimizer
 from sgdjax.training._models import create_model
+from sgdjax.training._parallel import make_parallel_train_step, needs_bn_axis
 from sgdjax.training._state import TrainState
-from sgdjax.training._step import evaluate, make_eval_step, make_train_step
+from sgdjax.training._step import evaluate, make_eval_step
 
 
 class NonFiniteError(RuntimeError):
@@ -146,14 +148,18 @@ def train_and_evaluate(
         config.model,
         num_classes=len(dataset.class_names),
         dtype=jnp.bfloat16 if config.bf16 else jnp.float32,
+        bn_axis_name=DATA_AXIS if needs_bn_axis(config.parallel) else None,
     )
     state = TrainState.create(
         model=model, tx=tx, rng=jax.random.key(config.seed), sample_input=jnp.zeros((1, 32, 32, 3))
     )
-    train_step = make_train_step(
+    parallel_step = make_parallel_train_step(
+        config.parallel,
+        num_devices=config.num_devices,
         augment_fn=data.augment if config.augment else None,
         learning_rate_fn=schedule,
         label_smoothing=config.label_smoothing,
+        accumulate=config.accumulate,
     )
     eval_step = make_eval_step()
     checkpoints = _checkpoint.Checkpointer(workdir / "checkpoints")
@@ -170,6 +176,7 @@ def train_and_evaluate(
                 history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
                 history = [row for row in history if row["epoch"] <= start_epoch]
     metrics_path.write_text("".join(json.dumps(row) + "\n" for row in history))
+    placed = parallel_step.place_state(state)
 
     compile_seconds = 0.0
     train_seconds = 0.0
@@ -192,18 +199,20 @@ def train_and_evaluate(
             if index >= steps_per_epoch:
                 break
             tick = time.perf_counter()
-            state, metrics = train_step(state, batch)
-            skipped = int(state.opt_state.consecutive_skipped)  # also waits for the step
+            placed, metrics = parallel_step.step(placed, parallel_step.place_batch(batch))
+            metrics = jax.tree.map(lambda x: np.ravel(np.asarray(x))[0], metrics)  # waits
             elapsed = time.perf_counter() - tick
+            skipped = int(np.ravel(np.asarray(placed.opt_state.consecutive_skipped))[0])
             if compile_seconds == 0.0:
                 compile_seconds = elapsed  # the first call traces and compiles
             else:
                 epoch_step_seconds += elapsed
                 images_seen += config.batch_size
             if skipped >= config.max_bad_steps:
+                step_number = int(np.ravel(np.asarray(placed.step))[0])
                 raise NonFiniteError(
-                    f"{skipped} steps in a row had non-finite gradients (step "
-                    f"{int(state.step)}); stopping. The last good checkpoint is in "
+                    f"{skipped} steps in a row had non-finite gradients (up to step "
+                    f"{step_number}); stopping. The last good checkpoint is in "
                     f"{workdir / 'checkpoints'}"
                 )
             losses.append(float(metrics["loss"]))
@@ -216,6 +225,7 @@ def train_and_evaluate(
             bar.update(1)
         bar.close()
         train_seconds += epoch_step_seconds
+        state = parallel_step.gather_state(placed)
         eval_batch_size = min(config.eval_batch_size, len(test_images))
         test = evaluate(eval_step, state, test_images, test_labels, eval_batch_size)
         measured_steps = len(losses) - (1 if epoch == start_epoch + 1 else 0)
