@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", choices=OPTIMIZERS)
     parser.add_argument("--label-smoothing", type=float)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--crop-padding", type=int, help="random-crop padding (0: flips only)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--data-dir", help="CIFAR-10 folder (default: tensorflow-datasets)")
@@ -108,6 +109,8 @@ def validate(config, args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error(f"--weight-decay must be >= 0, got {config.weight_decay}")
     if config.clip_norm is not None and not config.clip_norm > 0:
         parser.error(f"--clip-norm must be positive, got {config.clip_norm}")
+    if config.crop_padding < 0:
+        parser.error(f"--crop-padding must be >= 0, got {config.crop_padding}")
     if not 0 <= config.label_smoothing < 1:
         parser.error(f"--label-smoothing must lie in [0, 1), got {config.label_smoothing}")
 

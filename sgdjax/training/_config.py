@@ -33,6 +33,7 @@ class Config:
     optimizer: str = "sgd"
     label_smoothing: float = 0.0
     augment: bool = True
+    crop_padding: int = 4
     bf16: bool = False
     seed: int = 0
     max_steps: int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -156,7 +157,9 @@ def train_and_evaluate(
     parallel_step = make_parallel_train_step(
         config.parallel,
         num_devices=config.num_devices,
-        augment_fn=data.augment if config.augment else None,
+        augment_fn=(
+            functools.partial(data.augment, padding=config.crop_padding) if config.augment else None
+        ),
         learning_rate_fn=schedule,
         label_smoothing=config.label_smoothing,
         accumulate=config.accumulate,
