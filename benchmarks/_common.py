@@ -1,0 +1,93 @@
+"""Shared benchmark plumbing: environment record, robust timing statistics, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def environment() -> dict[str, Any]:
+    """CPU model, core count and package versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("jax", "jaxlib", "optax", "flax", "torch", "sgdjax", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    import jax
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "versions": versions,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def summarize(seconds: list[float]) -> dict[str, float]:
+    """Median, quartiles and extremes of a list of timings (seconds)."""
+    values = np.asarray(seconds)
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return {
+        "median": float(median),
+        "q1": float(q1),
+        "q3": float(q3),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "repeats": len(values),
+    }
+
+
+def interleaved_timings(
+    runners: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 3
+) -> dict[str, list[float]]:
+    """Times each runner ``repeats`` times, round-robin, so machine noise hits all alike.
+
+    Each runner must block until its work is done.
+    """
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    timings: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            timings[name].append(time.perf_counter() - start)
+    return timings
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for index, row in enumerate(cells):
+        print(
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        )
+        if index == 0:
+            print("  ".join("-" * w for w in widths))

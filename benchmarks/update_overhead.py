@@ -1,0 +1,225 @@
+"""Time per optimizer update: sgdjax vs optax vs torch on two parameter trees.
+
+    python benchmarks/update_overhead.py [--quick] [--out results/update_overhead.json]
+
+The chain in every library: clip by global norm (1.0), coupled weight decay (5e-4),
+Nesterov momentum (0.9), learning rate (0.1). Trees: (a) ResNet-18 (CIFAR variant,
+about 11.2M parameters in 62 leaves), (b) 500 small leaves. JAX updates are jitted
+with params and optimizer state donated; timings are interleaved round-robin and
+reported as median and interquartile range. Peak memory: each configuration also
+runs in its own subprocess and reports its peak resident set growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, interleaved_timings, print_table, summarize, write_json  # noqa: E402
+
+# ---------------------------------------------------------------- parameter trees
+
+
+def resnet18_shapes() -> list[tuple[int, ...]]:
+    """HWIO conv kernels, BatchNorm scale and bias, dense: 62 leaves, 11,173,962 values.
+
+    stem conv 3x3x3x64 + BN (3 leaves); 8 basic blocks of 2 conv + 2 BN (6 leaves
+    each, 48); 3 projection shortcuts of conv 1x1 + BN (9); dense 512x10 + bias (2).
+    """
+    shapes = [(3, 3, 3, 64), (64,), (64,)]
+    inputs = 64
+    for stage, width in enumerate((64, 128, 256, 512)):
+        for block in range(2):
+            shapes += [(3, 3, inputs, width), (width,), (width,)]
+            shapes += [(3, 3, width, width), (width,), (width,)]
+            if block == 0 and stage > 0:
+                shapes += [(1, 1, inputs, width), (width,), (width,)]
+            inputs = width
+    shapes += [(512, 10), (10,)]
+    return shapes
+
+
+def small_shapes(count: int = 500, seed: int = 0) -> list[tuple[int, ...]]:
+    """``count`` small leaves: vectors and matrices of 4 to 64 rows and columns."""
+    rng = np.random.default_rng(seed)
+    shapes = []
+    for index in range(count):
+        if index % 3 == 0:
+            shapes.append((int(rng.integers(4, 257)),))
+        else:
+            shapes.append((int(rng.integers(4, 65)), int(rng.integers(4, 65))))
+    return shapes
+
+
+TREES = {"resnet18": resnet18_shapes, "small500": small_shapes}
+
+# ---------------------------------------------------------------- the updates
+
+
+def jax_runner(library: str, shapes, seed: int = 0):
+    """A callable running one donated, jitted update of ``library``'s chain."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import sgdjax
+
+    if library.startswith("sgdjax"):
+        tx = sgdjax.chain(
+            sgdjax.clip_by_global_norm(1.0),
+            sgdjax.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        )
+        if library == "sgdjax-flat":
+            tx = sgdjax.flatten(tx)
+    else:
+        tx = optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.add_decayed_weights(5e-4),
+            optax.sgd(0.1, momentum=0.9, nesterov=True),
+        )
+        if library == "optax-flat":
+            tx = optax.flatten(tx)
+
+    rng = np.random.default_rng(seed)
+    params = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    grads = [jnp.asarray(rng.normal(size=s) * 1e-3, jnp.float32) for s in shapes]
+    state = tx.init(params)
+
+    def update(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(update, donate_argnums=(0, 1))
+    compiled = step.lower(params, state, grads).compile()
+    memory = compiled.memory_analysis()
+    box = {"params": params, "state": state}
+
+    def run():
+        box["params"], box["state"] = step(box["params"], box["state"], grads)
+        jax.block_until_ready(box["params"])
+
+    info = {}
+    if memory is not None:
+        info = {
+            "argument_bytes": int(memory.argument_size_in_bytes),
+            "output_bytes": int(memory.output_size_in_bytes),
+            "temp_bytes": int(memory.temp_size_in_bytes),
+        }
+    return run, info
+
+
+def torch_runner(variant: str, shapes, seed: int = 0):
+    import torch
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = [torch.tensor(rng.normal(size=s), dtype=torch.float32, requires_grad=True)
+              for s in shapes]  # fmt: skip
+    for p in params:
+        p.grad = torch.tensor(rng.normal(size=tuple(p.shape)) * 1e-3, dtype=torch.float32)
+    options = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    if variant == "torch-fused":
+        options["fused"] = True
+    else:
+        options["foreach"] = variant == "torch-foreach"
+    optimizer = torch.optim.SGD(params, **options)
+
+    def run():
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+
+    return run, {}
+
+
+LIBRARIES = ("sgdjax", "sgdjax-flat", "optax", "optax-flat",
+             "torch-loop", "torch-foreach", "torch-fused")  # fmt: skip
+
+
+def make_runner(library: str, shapes):
+    if library.startswith("torch"):
+        return torch_runner(library, shapes)
+    return jax_runner(library, shapes)
+
+
+def peak_memory(library: str, tree: str, repeats: int) -> float | None:
+    """Peak RSS growth (MiB) of a fresh process that builds and runs one configuration."""
+    folder = str(Path(__file__).resolve().parent)
+    code = (
+        f"import sys, resource; sys.path.insert(0, {folder!r})\n"
+        "import update_overhead as u\n"
+        "import jax, torch, optax, sgdjax\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"run, _ = u.make_runner({library!r}, u.TREES[{tree!r}]())\n"
+        f"[run() for _ in range({repeats})]\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats, small trees (smoke)")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--trees", nargs="+", default=list(TREES), choices=list(TREES))
+    parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
+    parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
+    parser.add_argument("--out", help="write results as JSON here")
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else args.repeats
+
+    results = {"environment": environment(), "repeats": repeats, "trees": {}}
+    for tree in args.trees:
+        shapes = TREES[tree]()
+        if args.quick:
+            shapes = [tuple(max(1, d // 8) for d in s) for s in shapes[:40]]
+        runners, infos = {}, {}
+        for library in args.libraries:
+            try:
+                runners[library], infos[library] = make_runner(library, shapes)
+            except (RuntimeError, TypeError, ValueError) as error:
+                print(f"{library}: not available ({error})")
+        timings = interleaved_timings(runners, repeats=repeats)
+        rows, entry = [], {}
+        for library, seconds in timings.items():
+            stats = summarize(seconds)
+            memory = None
+            if not args.quick and not args.no_memory:
+                memory = peak_memory(library, tree, repeats=5)
+            entry[library] = {"seconds": stats, "compiled_memory": infos[library],
+                              "peak_rss_growth_mib": memory}  # fmt: skip
+        base = {name: entry[name]["seconds"]["median"] for name in entry}
+        for library, item in entry.items():
+            stats = item["seconds"]
+            rows.append([
+                library,
+                f"{stats['median'] * 1e3:.3f}",
+                f"{stats['q1'] * 1e3:.3f}-{stats['q3'] * 1e3:.3f}",
+                f"{base[library] / base['optax']:.2f}" if "optax" in base else "-",
+                f"{base[library] / base['torch-foreach']:.2f}" if "torch-foreach" in base else "-",
+                "-" if item["peak_rss_growth_mib"] is None
+                else f"{item['peak_rss_growth_mib']:.0f}",
+            ])  # fmt: skip
+        leaves = len(shapes)
+        size = sum(int(np.prod(s)) for s in shapes)
+        print(f"\n{tree}: {leaves} leaves, {size:,} parameters, {repeats} interleaved repeats")
+        print_table(
+            ["library", "median ms", "IQR ms", "x optax", "x torch-foreach", "peak MiB"], rows
+        )
+        results["trees"][tree] = {"leaves": leaves, "parameters": size, "results": entry}
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
