@@ -183,3 +183,19 @@ def test_entry_point_runs_as_a_script(tiny_data, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "epoch   1" in result.stdout
     assert (tmp_path / "script" / "summary.json").is_file()
+
+
+def test_compare_runs_several_optimizers_and_plots(tiny_data, tmp_path):
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    results = compare.main([
+        "--data-dir", str(tiny_data), "--out", str(tmp_path), "--epochs", "1",
+        "--batch-size", "16", "--max-steps", "2", "--optimizers", "nesterov", "adam",
+        "--no-progress",
+    ])  # fmt: skip
+    assert set(results) == {"nesterov", "adam"}
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["adam"]["config"]["optimizer"] == "adam"
+    assert len(saved["nesterov"]["history"]) == 1
