@@ -1,0 +1,277 @@
+"""Images per second of one training step: sgdjax vs plain flax + optax vs PyTorch.
+
+    python benchmarks/train_throughput.py [--models convnet resnet9] [--batch-sizes 128 512]
+                                          [--steps 30] [--quick] [--out FILE.json]
+
+All contenders train the same architecture (SGD, momentum 0.9, weight decay 5e-4,
+cross-entropy) on the same random uint8 images, in one run; steps are interleaved in
+rounds so machine noise hits all alike. Reported: median images/s and the
+interquartile range over the timed steps, after warm-up (compile time apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, print_table, summarize, write_json  # noqa: E402
+
+# ---------------------------------------------------------------- JAX contenders
+
+
+def sgdjax_step(model_name: str, batch_size: int):
+    """sgdjax's training path: make_train_step with sgdjax.sgd (augmentation off)."""
+    import jax
+    import jax.numpy as jnp
+
+    import sgdjax
+    from sgdjax import training
+
+    model = training.create_model(model_name)
+    tx = sgdjax.sgd(0.05, momentum=0.9, weight_decay=5e-4)
+    state = training.TrainState.create(
+        model=model, tx=tx, rng=jax.random.key(0), sample_input=jnp.zeros((1, 32, 32, 3))
+    )
+    step = training.make_train_step()
+    box = {"state": state}
+
+    def run(batch):
+        box["state"], metrics = step(box["state"], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    return run
+
+
+def flax_optax_step(model_name: str, batch_size: int):
+    """The usual flax + optax way: nn.Conv/nn.BatchNorm/nn.max_pool, optax.sgd, jax.jit."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    class ConvNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            for features in (32, 64):
+                x = nn.Conv(features, (3, 3))(x)
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+                x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+    class ConvBN(nn.Module):
+        features: int
+        pool: bool = False
+
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.Conv(self.features, (3, 3), use_bias=False)(x)
+            if self.pool:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+            return nn.relu(x)
+
+    class ResNet9(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = ConvBN(64)(x, train)
+            x = ConvBN(128, pool=True)(x, train)
+            x = x + ConvBN(128)(ConvBN(128)(x, train), train)
+            x = ConvBN(256, pool=True)(x, train)
+            x = ConvBN(512, pool=True)(x, train)
+            x = x + ConvBN(512)(ConvBN(512)(x, train), train)
+            return nn.Dense(10, use_bias=False)(jnp.max(x, axis=(1, 2))) * 0.125
+
+    model = {"convnet": ConvNet, "resnet9": ResNet9}[model_name]()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
+    opt_state = tx.init(params)
+    mean = jnp.asarray([0.4914, 0.4822, 0.4465]).reshape(1, 1, 1, 3)
+    std = jnp.asarray([0.2470, 0.2435, 0.2616]).reshape(1, 1, 1, 3)
+
+    @jax.jit
+    def step(params, batch_stats, opt_state, batch):
+        images = (batch["image"].astype(jnp.float32) / 255.0 - mean) / std
+
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats}, images, train=True,
+                mutable=["batch_stats"],
+            )  # fmt: skip
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    step = jax.jit(step, donate_argnums=(0, 1, 2))
+    box = {"state": (params, batch_stats, opt_state)}
+
+    def run(batch):
+        *state, loss = step(*box["state"], batch)
+        box["state"] = tuple(state)
+        jax.block_until_ready(loss)
+
+    return run
+
+
+# ---------------------------------------------------------------- PyTorch contenders
+
+
+def torch_model(model_name: str):
+    import torch
+    from torch import nn
+
+    def conv_bn(cin, cout, pool=False):
+        layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False)]
+        if pool:
+            layers.append(nn.MaxPool2d(2))
+        return nn.Sequential(*layers, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    class Residual(nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+            self.body = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels))
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    class Scale(nn.Module):
+        def forward(self, x):
+            return x * 0.125
+
+    if model_name == "convnet":
+        return nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+        )  # fmt: skip
+    del torch
+    return nn.Sequential(
+        conv_bn(3, 64), conv_bn(64, 128, pool=True), Residual(128), conv_bn(128, 256, pool=True),
+        conv_bn(256, 512, pool=True), Residual(512), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        nn.Linear(512, 10, bias=False), Scale(),
+    )  # fmt: skip
+
+
+def torch_step(model_name: str, batch_size: int, *, compiled: bool = False):
+    import torch
+
+    torch.manual_seed(0)
+    model = torch_model(model_name)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def train(images, labels):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    if compiled:
+        forward_backward = torch.compile(train)
+    else:
+        forward_backward = train
+
+    def run(batch):
+        images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).float().div_(255)
+        images = (images - mean) / std
+        labels = torch.from_numpy(batch["label"]).long()
+        forward_backward(images, labels).item()
+
+    return run
+
+
+CONTENDERS = {
+    "sgdjax": sgdjax_step,
+    "flax+optax": flax_optax_step,
+    "torch eager": torch_step,
+    "torch.compile": lambda model, batch: torch_step(model, batch, compiled=True),
+}
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["convnet", "resnet9"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 512])
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per contender")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.batch_sizes, args.steps, args.warmup = ["convnet"], [16], 2, 1
+        args.contenders = [c for c in args.contenders if c != "torch.compile"]
+
+    import torch
+
+    results = {"environment": environment(), "torch_threads": torch.get_num_threads(), "runs": []}
+    for model_name in args.models:
+        for batch_size in args.batch_sizes:
+            rng = np.random.default_rng(0)
+            batches = [
+                {
+                    "image": rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
+                    "label": rng.integers(0, 10, batch_size).astype(np.int32),
+                }
+                for _ in range(4)
+            ]
+            runners, compile_seconds, failures = {}, {}, {}
+            for name in args.contenders:
+                try:
+                    run = CONTENDERS[name](model_name, batch_size)
+                    start = time.perf_counter()
+                    run(batches[0])  # compiles
+                    compile_seconds[name] = time.perf_counter() - start
+                    for index in range(args.warmup):
+                        run(batches[index % len(batches)])
+                    runners[name] = run
+                except Exception as error:  # noqa: BLE001 - report any contender that cannot run
+                    failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            timings = {name: [] for name in runners}
+            for index in range(args.steps):
+                for name, run in runners.items():
+                    batch = batches[index % len(batches)]
+                    start = time.perf_counter()
+                    run(batch)
+                    timings[name].append(time.perf_counter() - start)
+            rows = []
+            torch_median = np.median(timings["torch eager"]) if "torch eager" in timings else None
+            for name, seconds in timings.items():
+                stats = summarize(seconds)
+                rate = batch_size / stats["median"]
+                spread = f"{batch_size / stats['q3']:.0f}-{batch_size / stats['q1']:.0f}"
+                ratio = torch_median / stats["median"] if torch_median else float("nan")
+                rows.append([name, f"{rate:.0f}", spread, f"{ratio:.2f}",
+                             f"{compile_seconds[name]:.1f}"])  # fmt: skip
+                results["runs"].append({
+                    "model": model_name, "batch_size": batch_size, "contender": name,
+                    "images_per_second": rate, "seconds": stats,
+                    "first_step_seconds": compile_seconds[name],
+                })  # fmt: skip
+            for name, reason in failures.items():
+                rows.append([name, "-", "-", "-", reason[:60]])
+                results["runs"].append({"model": model_name, "batch_size": batch_size,
+                                        "contender": name, "failed": reason})  # fmt: skip
+            print(f"\n{model_name}, batch {batch_size}, {args.steps} interleaved steps")
+            print_table(
+                ["contender", "images/s", "IQR images/s", "x torch eager", "first step s"], rows
+            )
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Each benchmark runs end to end in its --quick form, so none of them rots."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize(
+    "script, extra",
+    [
+        ("update_overhead.py", []),
+        ("train_throughput.py", ["--contenders", "sgdjax", "flax+optax", "torch eager"]),
+    ],
+)
+def test_benchmark_quick_run(tmp_path, script, extra):
+    out = tmp_path / "result.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["environment"]["versions"]["jax"]
+    assert "median" in result.stdout or "images/s" in result.stdout
