@@ -7,6 +7,7 @@ in one chain. ``sgdjax.sgd`` follows ``torch.optim.SGD`` exactly, and
 
 from sgdjax import schedules
 from sgdjax._alias import sgd, sgdw
+from sgdjax._averaging import EmaState, ema_init, ema_update, ema_value
 from sgdjax._base import ScalarOrSchedule, Schedule
 from sgdjax._clipping import (
     adaptive_grad_clip,
@@ -29,7 +30,10 @@ from sgdjax._decay import (
     add_decayed_weights,
     decoupled_weight_decay,
 )
+from sgdjax._diagnostics import DiagnosticsState, diagnostics, diagnostics_metrics
 from sgdjax._flatten import flatten
+from sgdjax._lars import exclude_bias_and_norm, lars, scale_by_trust_ratio
+from sgdjax._lookahead import LookaheadState, lookahead
 from sgdjax._momentum import MomentumState, momentum
 from sgdjax._scale import ScaleByLearningRateState, scale, scale_by_learning_rate
 from sgdjax._skip import SkipNonFiniteState, all_finite, skip_non_finite
@@ -38,6 +42,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DecoupledWeightDecayState",
+    "DiagnosticsState",
+    "EmaState",
+    "LookaheadState",
     "MomentumState",
     "ScalarOrSchedule",
     "ScaleByLearningRateState",
@@ -52,15 +59,24 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_norm",
     "decoupled_weight_decay",
+    "diagnostics",
+    "diagnostics_metrics",
+    "ema_init",
+    "ema_update",
+    "ema_value",
+    "exclude_bias_and_norm",
     "flatten",
     "global_norm",
     "inject_hyperparams",
+    "lars",
+    "lookahead",
     "masked",
     "momentum",
     "multi_transform",
     "named_chain",
     "scale",
     "scale_by_learning_rate",
+    "scale_by_trust_ratio",
     "schedules",
     "sgd",
     "sgdw",

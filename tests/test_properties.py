@@ -61,13 +61,23 @@ TRANSFORMS = {
     ),  # fmt: skip
     "sgd_dampened": lambda: sgdjax.sgd(0.1, momentum=0.5, dampening=0.5),
     "sgdw": lambda: sgdjax.sgdw(0.1, momentum=0.9, weight_decay=1e-2),
+    "scale_by_trust_ratio": lambda: sgdjax.scale_by_trust_ratio(0.01),
+    "lars": lambda: sgdjax.lars(
+        0.1,
+        weight_decay=1e-4,
+        weight_decay_mask=sgdjax.exclude_bias_and_norm,
+        trust_ratio_mask=sgdjax.exclude_bias_and_norm,
+    ),  # fmt: skip
+    "lookahead": lambda: sgdjax.lookahead(sgdjax.sgd(0.1, momentum=0.9), sync_period=2),
+    "diagnostics": lambda: sgdjax.diagnostics(sgdjax.sgd(0.1), clip_threshold=1.0),
 }
 
 # Public names that are not transform factories (or are covered through others).
 NOT_FACTORIES = {
     "DecoupledWeightDecayState", "MomentumState", "ScalarOrSchedule", "ScaleByLearningRateState",
     "Schedule", "SkipNonFiniteState", "all_finite", "apply_updates", "global_norm", "schedules",
-    "unitwise_norm",
+    "unitwise_norm", "DiagnosticsState", "EmaState", "LookaheadState", "diagnostics_metrics",
+    "ema_init", "ema_update", "ema_value", "exclude_bias_and_norm",
 }  # fmt: skip
 
 

@@ -1,0 +1,159 @@
+"""LARS, Lookahead, parameter averaging and diagnostics against numpy, optax and training."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import mixed_tree
+
+import sgdjax
+from sgdjax import training
+
+STEPS = 12
+
+
+def _grads(params, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+
+
+def _run(tx, params, steps=STEPS):
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    history = []
+    for t in range(steps):
+        updates, state = update(_grads(params, t), state, params)
+        params = sgdjax.apply_updates(params, updates)
+        history.append(params)
+    return history, state
+
+
+def test_lars_equals_optax_lars_with_masks():
+    params = mixed_tree()
+    options = dict(weight_decay=1e-3, trust_coefficient=0.01, momentum=0.9)
+    ours, _ = _run(
+        sgdjax.lars(
+            0.5,
+            weight_decay_mask=sgdjax.exclude_bias_and_norm,
+            trust_ratio_mask=sgdjax.exclude_bias_and_norm,
+            **options,
+        ),
+        params,
+    )
+    theirs, _ = _run(
+        optax.lars(
+            0.5,
+            weight_decay_mask=sgdjax.exclude_bias_and_norm,
+            trust_ratio_mask=sgdjax.exclude_bias_and_norm,
+            **options,
+        ),
+        params,
+    )
+    chex.assert_trees_all_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_trust_ratio_against_numpy():
+    params = mixed_tree()
+    grads = _grads(params, 0)
+    tx = sgdjax.scale_by_trust_ratio(0.02, eps=1e-3)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for u, g, p in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), jax.tree.leaves(params)):
+        g64, p64 = np.asarray(g, np.float64), np.asarray(p, np.float64)
+        ratio = 0.02 * np.linalg.norm(p64) / (np.linalg.norm(g64) + 1e-3)
+        np.testing.assert_allclose(u, ratio * g64, rtol=1e-5, atol=1e-7)
+
+
+def test_lookahead_against_numpy():
+    params = {"w": jnp.asarray([1.0, -2.0, 0.5])}
+    k, alpha, lr = 3, 0.5, 0.1
+    history, state = _run(sgdjax.lookahead(sgdjax.sgd(lr), sync_period=k, slow_step_size=alpha),
+                          params, steps=10)  # fmt: skip
+    fast = np.asarray(params["w"], np.float64)
+    slow = fast.copy()
+    for t in range(10):
+        fast = fast - lr * np.asarray(_grads(params, t)["w"], np.float64)
+        if (t + 1) % k == 0:
+            slow = slow + alpha * (fast - slow)
+            fast = slow.copy()
+        np.testing.assert_allclose(history[t]["w"], fast, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.slow_params["w"], slow, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_covers_params_and_batch_stats_against_numpy():
+    tree = {"params": {"w": jnp.ones(3)}, "batch_stats": {"mean": jnp.zeros(2)}}
+    state = sgdjax.ema_init(tree)
+    reference = jax.tree.map(lambda x: np.zeros(x.shape), tree)
+    for t in range(5):
+        new = jax.tree.map(lambda x, t=t: x + t, tree)
+        state = jax.jit(sgdjax.ema_update, static_argnums=2)(state, new, 0.8)
+        reference = jax.tree.map(lambda a, x: 0.8 * a + 0.2 * np.asarray(x), reference, new)
+    chex.assert_trees_all_close(state.average, reference, rtol=1e-6)
+    debiased = sgdjax.ema_value(state, 0.8)
+    chex.assert_trees_all_close(
+        debiased, jax.tree.map(lambda a: a / (1 - 0.8**5), reference), rtol=1e-5
+    )
+
+
+def test_diagnostics_against_numpy():
+    params = {"a": jnp.asarray([3.0, 4.0]), "b": jnp.asarray([[1.0, 2.0], [2.0, 4.0]])}
+    grads = {"a": jnp.asarray([0.0, 10.0]), "b": jnp.asarray([[0.0, 0.0], [0.0, 1.0]])}
+    tx = sgdjax.diagnostics(sgdjax.chain(sgdjax.clip_by_global_norm(5.0), sgdjax.sgd(0.1)),
+                            clip_threshold=5.0)  # fmt: skip
+    state = tx.init(params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    metrics = sgdjax.diagnostics_metrics(state)
+    g = np.sqrt(100.0 + 1.0)
+    u = 0.1 * 5.0  # clipped to norm 5, times lr
+    np.testing.assert_allclose(metrics["grad_norm"], g, rtol=1e-6)
+    np.testing.assert_allclose(metrics["update_norm"], u, rtol=1e-5)
+    np.testing.assert_allclose(metrics["effective_learning_rate"], u / g, rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm/a"], 10.0)
+    np.testing.assert_allclose(metrics["update_ratio/b"], 0.1 * 5 / g * 1.0 / 5.0, rtol=1e-5)
+    assert float(metrics["clipped_fraction"]) == 1.0
+    _, state = jax.jit(tx.update)(jax.tree.map(lambda x: x * 0.01, grads), state, params)
+    assert float(sgdjax.diagnostics_metrics(state)["clipped_fraction"]) == 0.5
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: sgdjax.lars(1.0, weight_decay=1e-4,
+                            weight_decay_mask=sgdjax.exclude_bias_and_norm,
+                            trust_ratio_mask=sgdjax.exclude_bias_and_norm),
+        lambda: sgdjax.lookahead(sgdjax.sgd(0.02, momentum=0.9), sync_period=3),
+        lambda: sgdjax.diagnostics(sgdjax.sgd(0.02, momentum=0.9)),
+    ],
+    ids=["lars", "lookahead", "diagnostics"],
+)  # fmt: skip
+def test_variant_trains_the_convnet_without_nan(make):
+    state = training.TrainState.create(
+        model=training.ConvNet(), tx=make(), rng=jax.random.key(0),
+        sample_input=jnp.zeros((1, 32, 32, 3)),
+    )  # fmt: skip
+    step = training.make_train_step()
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+             "label": rng.integers(0, 10, 16).astype(np.int32)}  # fmt: skip
+    losses = []
+    for _ in range(15):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    chex.assert_tree_all_finite(state.params)
+
+
+@pytest.mark.parametrize(
+    "make, argument",
+    [
+        (lambda: sgdjax.scale_by_trust_ratio(0.0), "trust_coefficient"),
+        (lambda: sgdjax.lookahead(sgdjax.sgd(0.1), sync_period=0), "sync_period"),
+        (lambda: sgdjax.lookahead(sgdjax.sgd(0.1), slow_step_size=1.5), "slow_step_size"),
+        (lambda: sgdjax.diagnostics(sgdjax.sgd(0.1), clip_threshold=-1.0), "clip_threshold"),
+        (lambda: sgdjax.ema_update(sgdjax.ema_init(jnp.ones(1)), jnp.ones(1), 1.0), "decay"),
+    ],
+)
+def test_bad_arguments(make, argument):
+    with pytest.raises(ValueError, match=argument):
+        make()
