@@ -15,6 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     [
         ("update_overhead.py", []),
         ("train_throughput.py", ["--contenders", "sgdjax", "flax+optax", "torch eager"]),
+        ("scaling.py", []),
     ],
 )
 def test_benchmark_quick_run(tmp_path, script, extra):

@@ -120,11 +120,19 @@ def make_parallel_train_step(
             checked(batch)
             return jax.tree.map(lambda x: x.reshape(devices, -1, *x.shape[1:]), batch)
 
+        # An identity pmap gives the copies the same placement the step's outputs have,
+        # so the second step does not compile again.
+        copy_to_devices = jax.pmap(lambda tree: tree, devices=list(mesh.devices))
+
+        def place_state(state):
+            stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (devices, *x.shape)), state)
+            return copy_to_devices(stacked)
+
         return ParallelStep(
             mode,
             devices,
             step,
-            lambda state: jax.tree.map(lambda x: jnp.broadcast_to(x, (devices, *x.shape)), state),
+            place_state,
             place_batch,
             lambda state: jax.tree.map(lambda x: x[0], state),
         )
