@@ -199,3 +199,32 @@ def test_compare_runs_several_optimizers_and_plots(tiny_data, tmp_path):
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["adam"]["config"]["optimizer"] == "adam"
     assert len(saved["nesterov"]["history"]) == 1
+
+
+def _copy_tree(source, target):
+    import shutil
+
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".sgdjax_cache"))
+    return target
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda root: (root / "train" / "class3" / "2.png").write_bytes(b"junk"),
+         "2.png: cannot decode image"),
+        (lambda root: (root / "test" / "class9").rename(root / "test" / "zebra"),
+         "class folders differ between train and test"),
+        (lambda root: [p.rename(root / f"x{i}.txt") for i, p in enumerate(root.iterdir())],
+         "no CIFAR-10 layout found"),
+    ],
+    ids=["corrupt_image", "class_mismatch", "wrong_layout"],
+)  # fmt: skip
+def test_bad_data_is_one_line_error(tiny_data, tmp_path, capsys, damage, message):
+    root = _copy_tree(tiny_data, tmp_path / "data")
+    damage(root)
+    with pytest.raises(SystemExit) as exited:
+        cifar.main(["--data-dir", str(root), "--out", str(tmp_path / "o")])
+    assert exited.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and message in error_lines[0]
