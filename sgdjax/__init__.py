@@ -36,6 +36,11 @@ from sgdjax._lars import exclude_bias_and_norm, lars, scale_by_trust_ratio
 from sgdjax._lookahead import LookaheadState, lookahead
 from sgdjax._momentum import MomentumState, momentum
 from sgdjax._scale import ScaleByLearningRateState, scale, scale_by_learning_rate
+from sgdjax._schedule_free import (
+    ScheduleFreeState,
+    schedule_free_eval_params,
+    schedule_free_sgd,
+)
 from sgdjax._skip import SkipNonFiniteState, all_finite, skip_non_finite
 
 __version__ = "0.1.0"
@@ -49,6 +54,7 @@ __all__ = [
     "ScalarOrSchedule",
     "ScaleByLearningRateState",
     "Schedule",
+    "ScheduleFreeState",
     "SkipNonFiniteState",
     "adaptive_grad_clip",
     "add_decayed_weights",
@@ -77,6 +83,8 @@ __all__ = [
     "scale",
     "scale_by_learning_rate",
     "scale_by_trust_ratio",
+    "schedule_free_eval_params",
+    "schedule_free_sgd",
     "schedules",
     "sgd",
     "sgdw",

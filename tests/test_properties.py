@@ -70,6 +70,7 @@ TRANSFORMS = {
     ),  # fmt: skip
     "lookahead": lambda: sgdjax.lookahead(sgdjax.sgd(0.1, momentum=0.9), sync_period=2),
     "diagnostics": lambda: sgdjax.diagnostics(sgdjax.sgd(0.1), clip_threshold=1.0),
+    "schedule_free_sgd": lambda: sgdjax.schedule_free_sgd(0.1, weight_decay=1e-4),
 }
 
 # Public names that are not transform factories (or are covered through others).
@@ -77,7 +78,8 @@ NOT_FACTORIES = {
     "DecoupledWeightDecayState", "MomentumState", "ScalarOrSchedule", "ScaleByLearningRateState",
     "Schedule", "SkipNonFiniteState", "all_finite", "apply_updates", "global_norm", "schedules",
     "unitwise_norm", "DiagnosticsState", "EmaState", "LookaheadState", "diagnostics_metrics",
-    "ema_init", "ema_update", "ema_value", "exclude_bias_and_norm",
+    "ema_init", "ema_update", "ema_value", "exclude_bias_and_norm", "ScheduleFreeState",
+    "schedule_free_eval_params",
 }  # fmt: skip
 
 
@@ -109,6 +111,12 @@ def test_transform_properties(name, dtype):
     params = mixed_tree(dtype)
     state = tx.init(params)
     first = _structure(state)
+
+    # no two state leaves share a buffer, nor share one with the params: both are donated
+    pointers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state)
+                if isinstance(leaf, jax.Array) and leaf.size]  # fmt: skip
+    param_pointers = {leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(params)}
+    assert len(pointers) == len(set(pointers)) and not set(pointers) & param_pointers
 
     # init on abstract shapes gives the same structure
     shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)

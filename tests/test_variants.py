@@ -116,16 +116,48 @@ def test_diagnostics_against_numpy():
     assert float(sgdjax.diagnostics_metrics(state)["clipped_fraction"]) == 0.5
 
 
+def test_schedule_free_against_numpy_and_optax():
+    params = mixed_tree()
+    ours, state = _run(sgdjax.schedule_free_sgd(0.05, b1=0.8), params)
+    theirs, their_state = _run(optax.contrib.schedule_free_sgd(0.05, b1=0.8), params)
+    chex.assert_trees_all_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+        sgdjax.schedule_free_eval_params(state),
+        optax.contrib.schedule_free_eval_params(their_state, theirs[-1]),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+    # The paper's recursion in float64, with a warm-up schedule (weights (max lr)^2).
+    leaves = [np.asarray(p, np.float64) for p in jax.tree.leaves(params)]
+    y, z, x = list(leaves), list(leaves), list(leaves)
+    schedule = sgdjax.schedules.linear(0.05, start_factor=0.2, total_iters=4)
+    history, state = _run(sgdjax.schedule_free_sgd(schedule, b1=0.8), params)
+    weight_sum, max_lr = 0.0, 0.0
+    for t in range(STEPS):
+        grads = [np.asarray(g, np.float64) for g in jax.tree.leaves(_grads(params, t))]
+        lr = float(schedule(t))
+        max_lr = max(max_lr, lr)
+        weight_sum += max_lr**2
+        c = max_lr**2 / weight_sum
+        z = [zi - lr * g for zi, g in zip(z, grads)]
+        x = [(1 - c) * xi + c * zi for xi, zi in zip(x, z)]
+        y = [0.8 * xi + 0.2 * zi for xi, zi in zip(x, z)]
+        chex.assert_trees_all_close(jax.tree.leaves(history[t]), y, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(
+        jax.tree.leaves(sgdjax.schedule_free_eval_params(state)), x, rtol=1e-5, atol=1e-5
+    )
+
+
 @pytest.mark.parametrize(
     "make",
     [
+        lambda: sgdjax.schedule_free_sgd(0.02),
         lambda: sgdjax.lars(1.0, weight_decay=1e-4,
                             weight_decay_mask=sgdjax.exclude_bias_and_norm,
                             trust_ratio_mask=sgdjax.exclude_bias_and_norm),
         lambda: sgdjax.lookahead(sgdjax.sgd(0.02, momentum=0.9), sync_period=3),
         lambda: sgdjax.diagnostics(sgdjax.sgd(0.02, momentum=0.9)),
     ],
-    ids=["lars", "lookahead", "diagnostics"],
+    ids=["schedule_free", "lars", "lookahead", "diagnostics"],
 )  # fmt: skip
 def test_variant_trains_the_convnet_without_nan(make):
     state = training.TrainState.create(
