@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel", choices=MODES, help="data-parallel mode")
     parser.add_argument("--num-devices", type=int, help="devices to use (default: all)")
     parser.add_argument("--accumulate", type=int, help="micro-batches per update")
+    parser.add_argument("--sam-rho", type=float, help="sharpness-aware minimization radius")
     parser.add_argument(
         "--coordinator", help="multi-host: host:port of process 0 (or SGDJAX_COORDINATOR)"
     )
@@ -114,6 +115,10 @@ def validate(config, args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if not 0 <= config.label_smoothing < 1:
         parser.error(f"--label-smoothing must lie in [0, 1), got {config.label_smoothing}")
 
+    if config.sam_rho is not None and not config.sam_rho > 0:
+        parser.error(f"--sam-rho must be positive, got {config.sam_rho}")
+    if config.sam_rho is not None and config.accumulate > 1:
+        parser.error("--sam-rho cannot be combined with --accumulate")
     if config.accumulate <= 0:
         parser.error(f"--accumulate must be positive, got {config.accumulate}")
     if config.batch_size % config.accumulate:

@@ -68,6 +68,14 @@ def test_mode_equals_single_device(reference, mode, count):
         np.testing.assert_allclose(np.ravel(metrics[key])[0], expected_metrics[key], rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+def test_sam_under_data_parallelism_equals_single_device(reference, mode):
+    _, batches = reference
+    expected, _, _ = _run("none", batches[:3], sam_rho=0.05)
+    state, _, _ = _run(mode, batches[:3], sam_rho=0.05)
+    chex.assert_trees_all_close(_comparable(state), _comparable(expected), rtol=1e-5, atol=1e-5)
+
+
 def test_zero_partitions_optimizer_state():
     _, _, placed = _run("zero", _batches(1))
     _, _, replicated = _run("sharded", _batches(1))

@@ -189,3 +189,31 @@ def test_variant_trains_the_convnet_without_nan(make):
 def test_bad_arguments(make, argument):
     with pytest.raises(ValueError, match=argument):
         make()
+
+
+def test_sam_step_uses_the_gradient_at_the_perturbed_point():
+    import flax.linen as nn
+
+    class Linear(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train):
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(8, 4, 4, 3)).astype(np.float32),
+             "label": rng.integers(0, 10, 8).astype(np.int32)}  # fmt: skip
+    state = training.TrainState.create(
+        model=Linear(), tx=sgdjax.sgd(0.1), rng=jax.random.key(0),
+        sample_input=jnp.zeros((1, 4, 4, 3)),
+    )  # fmt: skip
+
+    def loss(params):
+        logits = state.apply_fn({"params": params}, batch["image"], train=True)
+        return training.cross_entropy(logits, batch["label"])
+
+    g = jax.grad(loss)(state.params)
+    norm = np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(g)))
+    perturbed = jax.tree.map(lambda p, gi: p + 0.05 * gi / norm, state.params, g)
+    expected = jax.tree.map(lambda p, gi: p - 0.1 * gi, state.params, jax.grad(loss)(perturbed))
+    new_state, _ = training.make_train_step(sam_rho=0.05, donate=False)(state, batch)
+    chex.assert_trees_all_close(new_state.params, expected, rtol=1e-5, atol=1e-6)

@@ -44,6 +44,7 @@ class Config:
     parallel: str = "none"
     num_devices: int | None = None
     accumulate: int = 1
+    sam_rho: float | None = None
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -163,6 +163,7 @@ def train_and_evaluate(
         learning_rate_fn=schedule,
         label_smoothing=config.label_smoothing,
         accumulate=config.accumulate,
+        sam_rho=config.sam_rho,
     )
     eval_step = make_eval_step()
     checkpoints = _checkpoint.Checkpointer(workdir / "checkpoints")

@@ -73,6 +73,7 @@ def make_train_step(
     label_smoothing: float = 0.0,
     axis_name: str | None = None,
     accumulate: int = 1,
+    sam_rho: float | None = None,
     donate: bool = True,
     jit: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
@@ -96,6 +97,10 @@ def make_train_step(
       accumulate: split the batch into this many micro-batches and average their
         gradients before one update (for models without BatchNorm this equals one
         step on the whole batch; BatchNorm sees micro-batch statistics).
+      sam_rho: sharpness-aware minimization (Foret et al. 2021) with radius ``rho``:
+        the update uses the gradient at ``theta + rho * g / ||g||``, where ``g`` is
+        the (device-averaged) gradient at ``theta``; BatchNorm statistics come from
+        the first pass. ``None`` for plain steps.
       donate: donate the input state's buffers to the output (jit only).
       jit: return the step jitted.
 
@@ -106,6 +111,10 @@ def make_train_step(
     """
     if accumulate < 1:
         raise ValueError(f"accumulate must be >= 1, got {accumulate!r}")
+    if sam_rho is not None and not sam_rho > 0:
+        raise ValueError(f"sam_rho must be positive, got {sam_rho!r}")
+    if sam_rho is not None and accumulate > 1:
+        raise ValueError("sam_rho and accumulate > 1 cannot be combined")
 
     def loss_and_grads(state, params, model_state, images, labels):
         def loss_fn(params):
@@ -169,6 +178,12 @@ def make_train_step(
             grads, model_state, loss, accuracy = jax.lax.pmean(
                 (grads, model_state, loss, accuracy), axis_name
             )
+        if sam_rho is not None:
+            scale = sam_rho / (global_norm(grads) + 1e-12)
+            perturbed = jax.tree.map(lambda p, g: p + scale * g, state.params, grads)
+            _, _, grads, _ = loss_and_grads(state, perturbed, state.model_state, images, labels)
+            if axis_name is not None:
+                grads = jax.lax.pmean(grads, axis_name)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = apply_updates(state.params, updates)
         if learning_rate_fn is not None:
