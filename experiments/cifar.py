@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accumulate", type=int, help="micro-batches per update")
     parser.add_argument("--sam-rho", type=float, help="sharpness-aware minimization radius")
     parser.add_argument(
+        "--diagnostics", action="store_true", default=None,
+        help="log per-layer gradient/update norms and draw diagnostics.png",
+    )  # fmt: skip
+    parser.add_argument(
         "--coordinator", help="multi-host: host:port of process 0 (or SGDJAX_COORDINATOR)"
     )
     parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")

@@ -191,10 +191,10 @@ def test_compare_runs_several_optimizers_and_plots(tiny_data, tmp_path):
     spec.loader.exec_module(compare)
     results = compare.main([
         "--data-dir", str(tiny_data), "--out", str(tmp_path), "--epochs", "1",
-        "--batch-size", "16", "--max-steps", "2", "--optimizers", "nesterov", "adam",
+        "--batch-size", "16", "--max-steps", "2", "--optimizers", "nesterov", "adam", "sam",
         "--no-progress",
     ])  # fmt: skip
-    assert set(results) == {"nesterov", "adam"}
+    assert set(results) == {"nesterov", "adam", "sam"}
     assert (tmp_path / "compare.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["adam"]["config"]["optimizer"] == "adam"
@@ -228,3 +228,24 @@ def test_bad_data_is_one_line_error(tiny_data, tmp_path, capsys, damage, message
     assert exited.value.code == 2
     error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and message in error_lines[0]
+
+
+def test_diagnostics_flag_logs_and_draws(tiny_data, tmp_path):
+    out = tmp_path / "diag"
+    cifar.main(_args(tiny_data, out, "--epochs", "2", "--max-steps", "2", "--diagnostics",
+                     "--clip-norm", "1.0"))  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    diagnostics = rows[-1]["diagnostics"]
+    for key in ("grad_norm", "update_ratio", "effective_learning_rate", "clipped_fraction"):
+        assert np.isfinite(diagnostics[key])
+    assert any(key.startswith("update_norm/") for key in diagnostics)
+    assert (out / "diagnostics.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("variant", ["lars", "schedule_free", "lookahead"])
+def test_variant_optimizers_train_from_the_command_line(tiny_data, tmp_path, variant):
+    summary = cifar.main(_args(tiny_data, tmp_path / variant, "--epochs", "1",
+                               "--max-steps", "3", "--optimizer", variant))  # fmt: skip
+    assert np.isfinite(summary["test_accuracy"])
+    rows = (tmp_path / variant / "metrics.jsonl").read_text().splitlines()
+    assert np.isfinite(json.loads(rows[-1])["train_loss"])

@@ -11,7 +11,10 @@ import optax
 import sgdjax
 from sgdjax import schedules
 
-OPTIMIZERS = ("sgd", "sgdw", "adam", "adamw", "nadam", "adagrad")
+OPTIMIZERS = (
+    "sgd", "sgdw", "lars", "schedule_free", "lookahead",
+    "adam", "adamw", "nadam", "adagrad",
+)  # fmt: skip
 SCHEDULES = ("constant", "cosine", "onecycle", "step", "multistep", "exponential")
 
 
@@ -45,6 +48,7 @@ class Config:
     num_devices: int | None = None
     accumulate: int = 1
     sam_rho: float | None = None
+    diagnostics: bool = False
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -101,9 +105,12 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, Callable]:
     """The optimizer named by ``config`` and its learning-rate schedule.
 
-    sgdjax's ``sgd`` / ``sgdw``, or optax's ``adam``, ``adamw``, ``nadam`` and
-    ``adagrad`` to compare against; optional clipping by global norm in front; the
-    whole chain wrapped in ``skip_non_finite`` so a NaN step is skipped, not applied.
+    sgdjax's ``sgd``, ``sgdw``, ``lars`` (biases and BatchNorm excluded),
+    ``schedule_free`` (schedule-free SGD; the schedule then only warms up) and
+    ``lookahead`` (around ``sgd``), or optax's ``adam``, ``adamw``, ``nadam`` and
+    ``adagrad`` to compare against; optional clipping by global norm in front;
+    optional diagnostics; the whole chain wrapped in ``skip_non_finite`` so a NaN
+    step is skipped, not applied.
     """
     schedule = make_schedule(config, steps_per_epoch)
     options = dict(
@@ -116,6 +123,26 @@ def make_optimizer(
         tx = sgdjax.sgd(schedule, **options)
     elif config.optimizer == "sgdw":
         tx = sgdjax.sgdw(schedule, **options)
+    elif config.optimizer == "lars":
+        tx = sgdjax.lars(
+            schedule,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=config.nesterov,
+            trust_coefficient=0.02,
+            weight_decay_mask=sgdjax.exclude_bias_and_norm,
+            trust_ratio_mask=sgdjax.exclude_bias_and_norm,
+        )
+    elif config.optimizer == "schedule_free":
+        warmup_steps = max(1, (config.epochs * steps_per_epoch) // 20)
+        schedule = schedules.warmup(
+            schedules.constant(config.learning_rate), warmup_steps, start_factor=0.0
+        )
+        tx = sgdjax.schedule_free_sgd(
+            schedule, b1=config.momentum or 0.9, weight_decay=config.weight_decay
+        )
+    elif config.optimizer == "lookahead":
+        tx = sgdjax.lookahead(sgdjax.sgd(schedule, **options), sync_period=5)
     elif config.optimizer == "adam":
         tx = sgdjax.chain(sgdjax.add_decayed_weights(config.weight_decay), optax.adam(schedule))
     elif config.optimizer == "adamw":
@@ -128,4 +155,6 @@ def make_optimizer(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
     if config.clip_norm is not None:
         tx = sgdjax.chain(sgdjax.clip_by_global_norm(config.clip_norm), tx)
+    if config.diagnostics:
+        tx = sgdjax.diagnostics(tx, clip_threshold=config.clip_norm)
     return sgdjax.skip_non_finite(tx), schedule

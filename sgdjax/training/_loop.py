@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import sgdjax
 from sgdjax import data
 from sgdjax.parallel import DATA_AXIS
 from sgdjax.training import _checkpoint
@@ -90,6 +91,31 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
         axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _plot_diagnostics(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    names = ["grad_norm", "update_ratio", "effective_learning_rate", "clipped_fraction"]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in names:
+        axes[0].plot(epochs, [row["diagnostics"][name] for row in history], "o-", label=name)
+    axes[0].set(xlabel="epoch", yscale="log", title="global (last step of each epoch)")
+    layers = sorted(k for k in history[-1]["diagnostics"] if k.startswith("update_ratio/"))
+    for name in layers:
+        values = [row["diagnostics"][name] for row in history]
+        axes[1].plot(epochs, values, "o-", label=name.split("/", 1)[1])
+    axes[1].set(xlabel="epoch", yscale="log", title="update / parameter norm, per layer")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -231,7 +257,10 @@ def train_and_evaluate(
         train_seconds += epoch_step_seconds
         state = parallel_step.gather_state(placed)
         eval_batch_size = min(config.eval_batch_size, len(test_images))
-        test = evaluate(eval_step, state, test_images, test_labels, eval_batch_size)
+        eval_state = state
+        if config.optimizer == "schedule_free":  # evaluate the averaged sequence x
+            eval_state = state.replace(params=sgdjax.schedule_free_eval_params(state.opt_state))
+        test = evaluate(eval_step, eval_state, test_images, test_labels, eval_batch_size)
         measured_steps = len(losses) - (1 if epoch == start_epoch + 1 else 0)
         row = {
             "epoch": epoch,
@@ -245,6 +274,11 @@ def train_and_evaluate(
             "epoch_seconds": time.perf_counter() - epoch_start,
             "images_per_second": measured_steps * config.batch_size / max(epoch_step_seconds, 1e-9),
         }
+        if config.diagnostics:
+            row["diagnostics"] = {
+                name: float(value)
+                for name, value in sgdjax.diagnostics_metrics(state.opt_state).items()
+            }
         history.append(row)
         _append_jsonl(metrics_path, row)
         print(
@@ -257,6 +291,8 @@ def train_and_evaluate(
 
     wall_seconds = time.perf_counter() - wall_start
     _plot_curves(history, workdir / "curves.png")
+    if config.diagnostics and history:
+        _plot_diagnostics(history, workdir / "diagnostics.png")
     final = history[-1] if history else {}
     summary = {
         "test_accuracy": final.get("test_accuracy"),
