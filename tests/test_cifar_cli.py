@@ -249,3 +249,26 @@ def test_variant_optimizers_train_from_the_command_line(tiny_data, tmp_path, var
     assert np.isfinite(summary["test_accuracy"])
     rows = (tmp_path / variant / "metrics.jsonl").read_text().splitlines()
     assert np.isfinite(json.loads(rows[-1])["train_loss"])
+
+
+def test_lr_find_suggests_a_rate_and_plots(tiny_data, tmp_path):
+    spec = importlib.util.spec_from_file_location("lr_find", ROOT / "experiments" / "lr_find.py")
+    lr_find = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lr_find)
+    result = lr_find.main(["--data-dir", str(tiny_data), "--out", str(tmp_path), "--steps", "12",
+                           "--batch-size", "16", "--start", "1e-4", "--end", "1.0"])  # fmt: skip
+    rates = result["learning_rates"]
+    assert rates[0] == pytest.approx(1e-4, rel=1e-4) and all(
+        b > a for a, b in zip(rates, rates[1:])
+    )
+    assert rates[0] <= result["suggested_learning_rate"] <= rates[-1]
+    assert (tmp_path / "lr_find.png").stat().st_size > 1000
+
+
+def test_lr_find_suggestion_is_the_steepest_descent():
+    spec = importlib.util.spec_from_file_location("lr_find", ROOT / "experiments" / "lr_find.py")
+    lr_find = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lr_find)
+    rates = np.logspace(-4, 0, 9)
+    losses = np.asarray([2.3, 2.3, 2.2, 1.6, 1.0, 0.9, 0.95, 2.0, 5.0])  # steepest at 1e-2.5
+    assert lr_find.suggest(rates, losses) == pytest.approx(rates[3])
