@@ -176,3 +176,17 @@ def tree_map_split(fn: Callable[..., tuple], num_outputs: int, tree: Any, *rest:
     if not results:
         return tuple(treedef.unflatten([]) for _ in range(num_outputs))
     return tuple(treedef.unflatten(list(column)) for column in zip(*results))
+
+
+def find_state(tree: Any, state_type: type | tuple[type, ...]) -> Any | None:
+    """The first node of type ``state_type`` inside ``tree`` (e.g. an optimizer state)."""
+    found: list[Any] = []
+
+    def visit(node):
+        if isinstance(node, state_type):
+            found.append(node)
+            return True
+        return False
+
+    jax.tree.map(lambda _: None, tree, is_leaf=visit)
+    return found[0] if found else None

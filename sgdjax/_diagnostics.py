@@ -132,15 +132,9 @@ def diagnostics_metrics(state: DiagnosticsState) -> dict[str, jax.Array]:
     ``effective_learning_rate``, ``clipped_fraction``, and per layer
     ``grad_norm/<path>``, ``update_norm/<path>``, ``update_ratio/<path>``.
     """
-    found = []
-    jax.tree.map(
-        lambda _: None,
-        state,
-        is_leaf=lambda node: isinstance(node, DiagnosticsState) and not found.append(node),
-    )
-    if not found:
+    diag = _base.find_state(state, DiagnosticsState)
+    if diag is None:
         raise ValueError("no DiagnosticsState found: wrap the optimizer in sgdjax.diagnostics")
-    diag = found[0]
     metrics = dict(diag.totals)
     metrics["clipped_fraction"] = diag.clipped_steps / jnp.maximum(diag.count, 1)
     for name, values in diag.layers.items():

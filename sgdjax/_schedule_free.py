@@ -116,12 +116,7 @@ def schedule_free_sgd(
 
 def schedule_free_eval_params(state: Any) -> Any:
     """The averaged parameters ``x`` of the :class:`ScheduleFreeState` inside ``state``."""
-    found = []
-    jax.tree.map(
-        lambda _: None,
-        state,
-        is_leaf=lambda node: isinstance(node, ScheduleFreeState) and not found.append(node),
-    )
-    if not found:
+    found = _base.find_state(state, ScheduleFreeState)
+    if found is None:
         raise ValueError("no ScheduleFreeState found: the optimizer is not schedule_free_sgd")
-    return found[0].x
+    return found.x

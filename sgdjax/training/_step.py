@@ -8,7 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from sgdjax._base import find_state
 from sgdjax._clipping import global_norm
 from sgdjax._combine import apply_updates
 from sgdjax.data import normalize
@@ -52,17 +54,12 @@ def _augment_per_example(augment_fn: AugmentFn, keys: jax.Array, images: jax.Arr
 
 def find_learning_rate(opt_state: Any) -> jax.Array | None:
     """The ``learning_rate`` hyperparameter stored by ``inject_hyperparams``, if any."""
-    found = []
-
-    def visit(node):
-        hyperparams = getattr(node, "hyperparams", None)
-        if isinstance(hyperparams, dict) and "learning_rate" in hyperparams:
-            found.append(hyperparams["learning_rate"])
-            return True
-        return False
-
-    jax.tree.map(lambda _: None, opt_state, is_leaf=visit)
-    return jnp.asarray(found[0], jnp.float32) if found else None
+    injected = find_state(
+        opt_state, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+    )
+    if injected is None or "learning_rate" not in injected.hyperparams:
+        return None
+    return jnp.asarray(injected.hyperparams["learning_rate"], jnp.float32)
 
 
 def make_train_step(
