@@ -26,6 +26,7 @@ from sgdjax.training._step import (
     evaluate,
     find_learning_rate,
     make_eval_step,
+    make_multi_step,
     make_train_step,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "evaluate",
     "find_learning_rate",
     "make_eval_step",
+    "make_multi_step",
     "make_optimizer",
     "make_parallel_train_step",
     "make_schedule",

@@ -209,6 +209,40 @@ def make_train_step(
     return train_step
 
 
+def make_multi_step(
+    steps_per_call: int, *, donate: bool = True, **step_options: Any
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """``k`` training steps per dispatch: one jitted ``lax.scan`` over stacked batches.
+
+    The batch holds ``k`` batches stacked on a new leading axis
+    (``{"image": (k, B, ...), "label": (k, B)}``); the result equals ``k`` calls of
+    the single step, with one host round trip instead of ``k``. With the whole data
+    set on the device, one call can run a whole epoch.
+
+    Args:
+      steps_per_call: ``k >= 1``.
+      donate: donate the input state.
+      **step_options: as for :func:`make_train_step`.
+
+    Returns:
+      ``multi_step(state, batches) -> (state, metrics)`` with metrics stacked over
+      the ``k`` steps.
+    """
+    if steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call!r}")
+    step = make_train_step(jit=False, **step_options)
+
+    def multi_step(state, batches):
+        leading = {int(jnp.shape(leaf)[0]) for leaf in jax.tree.leaves(batches)}
+        if leading != {steps_per_call}:
+            raise ValueError(
+                f"batches must stack {steps_per_call} batches on axis 0, got {sorted(leading)}"
+            )
+        return jax.lax.scan(step, state, batches)
+
+    return jax.jit(multi_step, donate_argnums=(0,) if donate else ())
+
+
 def make_eval_step(
     *, preprocess_fn: Callable[[jax.Array], jax.Array] = default_preprocess, jit: bool = True
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
