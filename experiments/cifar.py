@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--crop-padding", type=int, help="random-crop padding (0: flips only)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--flip-tta", action=argparse.BooleanOptionalAction, default=None,
+        help="evaluate on each test image and its mirror image, averaging the logits",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int)
     parser.add_argument("--data-dir", help="CIFAR-10 folder (default: tensorflow-datasets)")
     parser.add_argument("--out", default="runs/cifar", help="output directory")

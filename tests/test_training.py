@@ -154,3 +154,15 @@ def test_multi_step_scan_equals_single_steps():
     np.testing.assert_allclose(metrics_b["loss"][-1], metrics_a["loss"], rtol=1e-5)
     with pytest.raises(ValueError, match="stack 3 batches"):
         multi(_state(training.ConvNet()), batches[0])
+
+
+def test_flip_tta_averages_the_mirror_image():
+    state = _state(training.ConvNet())
+    batch = _batch(6)
+    plain = training.make_eval_step(jit=False)
+    tta = training.make_eval_step(flip_tta=True)
+    mirrored = dict(batch, image=batch["image"][:, :, ::-1])
+    both = tta(state, batch)
+    # the averaged logits are symmetric in the flip: the mirrored batch scores the same
+    np.testing.assert_allclose(tta(state, mirrored)["loss_sum"], both["loss_sum"], rtol=1e-5)
+    assert float(plain(state, batch)["loss_sum"]) != float(both["loss_sum"])

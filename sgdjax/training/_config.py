@@ -49,6 +49,7 @@ class Config:
     accumulate: int = 1
     sam_rho: float | None = None
     diagnostics: bool = False
+    flip_tta: bool = False
 
 
 PRESETS: dict[str, dict[str, Any]] = {

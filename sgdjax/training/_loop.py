@@ -191,7 +191,7 @@ def train_and_evaluate(
         accumulate=config.accumulate,
         sam_rho=config.sam_rho,
     )
-    eval_step = make_eval_step()
+    eval_step = make_eval_step(flip_tta=config.flip_tta)
     checkpoints = _checkpoint.Checkpointer(workdir / "checkpoints")
 
     start_epoch = 0

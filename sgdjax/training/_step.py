@@ -244,17 +244,26 @@ def make_multi_step(
 
 
 def make_eval_step(
-    *, preprocess_fn: Callable[[jax.Array], jax.Array] = default_preprocess, jit: bool = True
+    *,
+    preprocess_fn: Callable[[jax.Array], jax.Array] = default_preprocess,
+    flip_tta: bool = False,
+    jit: bool = True,
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Builds ``eval_step(state, batch) -> sums`` with running BatchNorm statistics.
 
     The batch may carry a ``"mask"`` (1 for real examples, 0 for padding). The
-    returned ``loss_sum``, ``correct`` and ``count`` add up over batches.
+    returned ``loss_sum``, ``correct`` and ``count`` add up over batches. With
+    ``flip_tta`` the logits are the mean of the image's and its mirror image's
+    (horizontal-flip test-time augmentation).
     """
 
     def eval_step(state: TrainState, batch: Batch):
         images = preprocess_fn(batch["image"])
-        logits = state.apply_fn({"params": state.params, **state.model_state}, images, train=False)
+        variables = {"params": state.params, **state.model_state}
+        logits = state.apply_fn(variables, images, train=False)
+        if flip_tta:
+            mirrored = state.apply_fn(variables, images[:, :, ::-1, :], train=False)
+            logits = 0.5 * (logits + mirrored)
         labels = batch["label"]
         mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32))
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
