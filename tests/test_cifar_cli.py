@@ -74,13 +74,22 @@ def test_one_epoch_writes_every_output(tiny_data, tmp_path):
 
 
 def _final_params(out):
-    from sgdjax.training import Checkpointer
+    import jax.numpy as jnp
 
+    import sgdjax
+    from sgdjax.training import Checkpointer, ConvNet, TrainState
+
+    like = TrainState.create(
+        model=ConvNet(), tx=sgdjax.skip_non_finite(sgdjax.sgd(0.1, momentum=0.9, nesterov=True,
+                                                              weight_decay=5e-4)),
+        rng=jax.random.key(0), sample_input=jnp.zeros((1, 32, 32, 3)),
+    )  # fmt: skip
     checkpointer = Checkpointer(out / "checkpoints")
     checkpointer._manager.reload()
     step = checkpointer._manager.latest_step()
-    tree = checkpointer._manager.restore(step)
+    tree, config = checkpointer.restore_tree(step, like)
     checkpointer.close()
+    assert config["model"] == "convnet" and config["epochs"] == step
     return tree["params"], step
 
 

@@ -55,20 +55,39 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         )
 
-    def save(self, epoch: int, state: TrainState) -> None:
-        """Writes the checkpoint for ``epoch`` and waits until it is complete on disk."""
-        self._manager.save(epoch, args=self._ocp.args.StandardSave(_to_tree(state, epoch)))
+    def save(self, epoch: int, state: TrainState, config: dict[str, Any] | None = None) -> None:
+        """Writes the checkpoint for ``epoch`` (state and config) and waits until it is on disk."""
+        args = self._ocp.args
+        self._manager.save(
+            epoch,
+            args=args.Composite(
+                state=args.StandardSave(_to_tree(state, epoch)),
+                config=args.JsonSave(config or {}),
+            ),
+        )
         self._manager.wait_until_finished()
 
-    def restore_latest(self, like: TrainState) -> tuple[TrainState, int, str] | None:
-        """``(state, epoch, note)`` from the newest readable checkpoint, or None if none."""
+    def restore_tree(self, epoch: int, like: TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The raw arrays and the config saved for ``epoch``."""
+        args = self._ocp.args
+        restored = self._manager.restore(
+            epoch,
+            args=args.Composite(
+                state=args.StandardRestore(_to_tree(like, 0)), config=args.JsonRestore()
+            ),
+        )
+        return restored["state"], dict(restored["config"] or {})
+
+    def restore_latest(
+        self, like: TrainState
+    ) -> tuple[TrainState, int, str, dict[str, Any]] | None:
+        """``(state, epoch, note, config)`` from the newest readable checkpoint, or None."""
         self._manager.reload()
         steps = sorted(self._manager.all_steps(), reverse=True)
-        template = _to_tree(like, 0)
         skipped = []
         for step in steps:
             try:
-                tree = self._manager.restore(step, args=self._ocp.args.StandardRestore(template))
+                tree, config = self.restore_tree(step, like)
                 state, epoch = _from_tree(tree, like)
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped
                 skipped.append(f"epoch {step} ({type(error).__name__})")
@@ -76,7 +95,7 @@ class Checkpointer:
             note = f"resuming from the checkpoint of epoch {epoch} in {self.directory}"
             if skipped:
                 note += f"; skipped unreadable checkpoint(s): {', '.join(skipped)}"
-            return state, epoch, note
+            return state, epoch, note, config
         if skipped:
             print(
                 f"no readable checkpoint in {self.directory} ({', '.join(skipped)}); "

@@ -200,8 +200,15 @@ def train_and_evaluate(
     if resume:
         restored = checkpoints.restore_latest(state)
         if restored is not None:
-            state, start_epoch, note = restored
+            state, start_epoch, note, saved_config = restored
             print(note)
+            changed = sorted(
+                name
+                for name, value in dataclasses.asdict(config).items()
+                if name in saved_config and saved_config[name] != value and name != "epochs"
+            )
+            if changed:
+                print(f"note: the checkpoint was written with different {', '.join(changed)}")
             if metrics_path.exists():
                 history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
                 history = [row for row in history if row["epoch"] <= start_epoch]
@@ -287,7 +294,7 @@ def train_and_evaluate(
             f"test acc {row['test_accuracy']:.4f}  {row['images_per_second']:.0f} img/s"
         )
         if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
-            checkpoints.save(epoch, state)
+            checkpoints.save(epoch, state, dataclasses.asdict(config))
 
     wall_seconds = time.perf_counter() - wall_start
     _plot_curves(history, workdir / "curves.png")
