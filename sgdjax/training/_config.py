@@ -54,11 +54,14 @@ class Config:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The classic tutorial recipe: small CNN, SGD with momentum and weight decay.
+    # Flips only: with random crops this small net underfits in 10 epochs (measured:
+    # 72.2% with crops at lr 0.02, 75.1-75.3% with flips at lr 0.05, batch 64).
     "tutorial": dict(
         model="convnet",
         epochs=10,
-        batch_size=128,
-        learning_rate=0.02,
+        batch_size=64,
+        crop_padding=0,
+        learning_rate=0.05,
         momentum=0.9,
         nesterov=True,
         weight_decay=5e-4,
