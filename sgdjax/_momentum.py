@@ -94,11 +94,17 @@ def momentum(
             got_name="updates",
         )
         first = state.count == 0
+        # Without dampening, b_0 = 0 already gives b_1 = g_1: no select is needed, and
+        # the per-leaf kernel stays a plain multiply-add.
+        undamped = _base.is_static_zero(dampening)
 
         def leaf_update(g, b):
             dtype = jnp.promote_types(g.dtype, b.dtype)
             g_wide, b_wide = g.astype(dtype), b.astype(dtype)
-            new_b = jnp.where(first, g_wide, momentum * b_wide + (1.0 - dampening) * g_wide)
+            if undamped:
+                new_b = momentum * b_wide + g_wide
+            else:
+                new_b = jnp.where(first, g_wide, momentum * b_wide + (1.0 - dampening) * g_wide)
             out = g_wide + momentum * new_b if nesterov else new_b
             return out.astype(g.dtype), new_b.astype(b.dtype)
 
