@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -281,3 +282,17 @@ def test_lr_find_suggestion_is_the_steepest_descent():
     rates = np.logspace(-4, 0, 9)
     losses = np.asarray([2.3, 2.3, 2.2, 1.6, 1.0, 0.9, 0.95, 2.0, 5.0])  # steepest at 1e-2.5
     assert lr_find.suggest(rates, losses) == pytest.approx(rates[3])
+
+
+def test_host_devices_split_the_cpu_for_sharded_training(tiny_data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = tmp_path / "split"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "cifar.py"),
+         *_args(tiny_data, out, "--epochs", "1", "--max-steps", "2", "--host-devices", "2",
+                "--parallel", "sharded")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["environment"]["device_count"] == 2
