@@ -149,7 +149,8 @@ def _read_pickle(file: Path) -> dict:
         raise DataError(f"{file}: missing CIFAR-10 pickle batch; {HOW_TO_GET_DATA}")
     with open(file, "rb") as handle:
         try:
-            return _RestrictedUnpickler(handle).load()
+            # The original batches were pickled by Python 2: their byte strings need "bytes".
+            return _RestrictedUnpickler(handle, encoding="bytes").load()
         except Exception as error:  # noqa: BLE001 - any failure means a malformed batch
             raise DataError(f"{file}: not a CIFAR-10 pickle batch ({error})") from None
 
