@@ -210,7 +210,9 @@ def apply_updates(params: Any, updates: Any) -> Any:
     References:
       ``optax.apply_updates``.
     """
-    _base.check_trees_match(params, updates, expected_name="params", got_name="updates")
+    is_none = lambda x: x is None  # noqa: E731
+    if not any(u is None for u in jax.tree.leaves(updates, is_leaf=is_none)):
+        _base.check_trees_match(params, updates, expected_name="params", got_name="updates")
 
     def leaf(p, u):
         if u is None:

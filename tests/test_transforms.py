@@ -591,3 +591,10 @@ class TestFlatten(chex.TestCase):
             jax.tree.map(lambda u: u.astype(jnp.float32), updates),
             jax.tree.map(lambda p: jnp.full(p.shape, -0.5), params),
         )
+
+
+def test_apply_updates_keeps_params_where_updates_are_none():
+    params = {"w": jnp.ones(2), "b": jnp.ones(3)}
+    new = sgdjax.apply_updates(params, {"w": jnp.ones(2), "b": None})
+    np.testing.assert_array_equal(new["w"], 2.0)
+    np.testing.assert_array_equal(new["b"], 1.0)
