@@ -126,6 +126,8 @@ def validate(config, args: argparse.Namespace, parser: argparse.ArgumentParser) 
     for flag, value in positive.items():
         if value <= 0:
             parser.error(f"{flag} must be positive, got {value}")
+    if config.seed < 0:
+        parser.error(f"--seed must be >= 0, got {config.seed}")
     for flag, value in (
         ("--max-steps", config.max_steps),
         ("--train-subset", config.train_subset),
@@ -189,8 +191,15 @@ def validate(config, args: argparse.Namespace, parser: argparse.ArgumentParser) 
         probe.unlink()
     except OSError as error:
         parser.error(f"--out {out}: cannot write there ({error.strerror or error})")
+    from sgdjax.training import Checkpointer
+
     if args.resume and not (out / "checkpoints").is_dir():
         parser.error(f"--resume: no checkpoints in {out / 'checkpoints'}")
+    if not args.resume and Checkpointer.saved_epochs(out / "checkpoints"):
+        parser.error(
+            f"--out {out} already holds checkpoints of a run: continue it with --resume, "
+            "or choose another --out"
+        )
 
 
 def load_data(args, parser):

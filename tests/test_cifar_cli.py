@@ -140,6 +140,7 @@ BAD_FLAGS = [
     (["--batch-size", "12", "--parallel", "pmap"], "not divisible by the device count 8"),
     (["--num-devices", "9", "--parallel", "sharded"], "only 8 device(s) exist"),
     (["--accumulate", "3"], "not divisible by --accumulate 3"),
+    (["--seed", "-1"], "--seed must be >= 0"),
 ]
 
 
@@ -174,6 +175,18 @@ def test_unwritable_output_directory(tiny_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         cifar.main(["--data-dir", str(tiny_data), "--out", str(blocker / "sub")])
     assert exited.value.code == 2 and "cannot write there" in capsys.readouterr().err
+
+
+def test_out_with_checkpoints_needs_resume(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    cifar.main(_args(tiny_data, out, "--epochs", "1", "--max-steps", "2"))
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as exited:
+        cifar.main(_args(tiny_data, out, "--epochs", "1", "--max-steps", "2"))
+    assert exited.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "already holds checkpoints" in error_lines[0]
+    assert (out / "metrics.jsonl").read_text() == before
 
 
 @pytest.mark.parametrize("mode", ["pmap", "zero"])

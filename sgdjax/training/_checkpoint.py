@@ -55,6 +55,14 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         )
 
+    @staticmethod
+    def saved_epochs(directory: str | Path) -> list[int]:
+        """The epochs with a finished checkpoint in ``directory`` (none if it is missing)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            return []
+        return sorted(int(child.name) for child in directory.iterdir() if child.name.isdigit())
+
     def save(self, epoch: int, state: TrainState, config: dict[str, Any] | None = None) -> None:
         """Writes the checkpoint for ``epoch`` (state and config) and waits until it is on disk."""
         args = self._ocp.args
