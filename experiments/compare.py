@@ -1,10 +1,14 @@
-"""Compare optimizers on the same model, data and seed; one plot of all of them.
+"""Compare optimizers on the same model, data and seeds; a table and one plot.
 
-    python experiments/compare.py --data-dir DATA --out runs/compare --epochs 5
+    python experiments/compare.py --data-dir DATA --out runs/compare --epochs 5 --seeds 0 1 2
 
 Each optimizer runs the same training function as experiments/cifar.py (same
-model, data order, augmentation and seed); only the optimizer changes. Writes
-compare.json (per-epoch curves and final accuracy of each) and compare.png.
+model, data order, augmentation and seed); only the optimizer changes. Every
+(seed, optimizer) run goes into OUT/seed-S/NAME; a finished run with the same
+settings is reused, so an interrupted comparison continues where it stopped and
+more optimizers can be added later. Writes compare.json (per-run curves and
+final accuracy), compare.md (test accuracy over seeds: mean, standard deviation,
+min and max) and compare.png (mean test accuracy per epoch).
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import shutil
+import statistics
 from pathlib import Path
 
 # ---------------------------------------------------------------- the contenders
@@ -35,21 +42,61 @@ OPTIMIZERS = {
 }  # fmt: skip
 
 
-def plot(results: dict, path: Path) -> None:
+def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
+    """Per optimizer: test accuracy over seeds (mean, sample std, min, max) and mean time."""
+    table = {}
+    for name, by_seed in runs.items():
+        accuracies = [by_seed[seed]["test_accuracy"] for seed in sorted(by_seed)]
+        seconds = [by_seed[seed]["wall_seconds"] for seed in sorted(by_seed)]
+        table[name] = {
+            "seeds": sorted(by_seed),
+            "mean": statistics.fmean(accuracies),
+            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else math.nan,
+            "min": min(accuracies),
+            "max": max(accuracies),
+            "wall_seconds": statistics.fmean(seconds),
+        }
+    return table
+
+
+def markdown_table(table: dict[str, dict], epochs: int) -> str:
+    """The summary as a markdown table, best mean first."""
+    lines = [
+        f"| optimizer | test accuracy ({epochs} epochs), mean ± std | min | max | seeds "
+        "| wall s / run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in sorted(table.items(), key=lambda item: -item[1]["mean"]):
+        spread = "" if math.isnan(row["std"]) else f" ± {100 * row['std']:.2f}"
+        lines.append(
+            f"| {name} | {100 * row['mean']:.2f}{spread} | {100 * row['min']:.2f} "
+            f"| {100 * row['max']:.2f} | {len(row['seeds'])} | {row['wall_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _mean_curve(by_seed: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
+    histories = [run["history"] for run in by_seed.values()]
+    length = min(len(history) for history in histories)
+    epochs = [row["epoch"] for row in histories[0][:length]]
+    return epochs, [statistics.fmean(h[i][key] for h in histories) for i in range(length)]
+
+
+def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
+    """Training loss and test accuracy per epoch, each the mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, result in results.items():
-        epochs = [row["epoch"] for row in result["history"]]
-        loss_axis.plot(epochs, [row["train_loss"] for row in result["history"]], "o-", label=name)
-        accuracy_axis.plot(
-            epochs, [row["test_accuracy"] for row in result["history"]], "o-", label=name
-        )
-    loss_axis.set(xlabel="epoch", ylabel="train loss", title="training loss")
-    accuracy_axis.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
+    for name, by_seed in runs.items():
+        loss_axis.plot(*_mean_curve(by_seed, "train_loss"), "o-", label=name)
+        accuracy_axis.plot(*_mean_curve(by_seed, "test_accuracy"), "o-", label=name)
+    seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
+    note = f"mean over seeds {seeds}"
+    loss_axis.set(xlabel="epoch", ylabel="train loss", title=f"training loss ({note})")
+    accuracy_axis.set(xlabel="epoch", ylabel="test accuracy", title=f"test accuracy ({note})")
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -58,18 +105,32 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from sgdjax import data
-    from sgdjax.training import PRESETS, Config, train_and_evaluate
+def _finished(folder: Path, config_dict: dict) -> dict | None:
+    """The saved run in ``folder`` if it finished with exactly these settings."""
+    summary_path = folder / "summary.json"
+    if not summary_path.is_file():
+        return None
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return summary if summary.get("config") == config_dict else None
 
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
-    parser.add_argument("--preset", default="tutorial", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="tutorial", choices=["tutorial", "resnet9"])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--data-dir")
     parser.add_argument("--out", default="runs/compare")
+    parser.add_argument(
+        "--host-devices", type=int,
+        help="split the CPU into N devices and train sharded over them (same numbers, "
+        "faster on multi-core CPUs)",
+    )  # fmt: skip
     parser.add_argument("--max-steps", type=int, help="limit steps per epoch (smoke tests)")
     parser.add_argument("--train-subset", type=int)
     parser.add_argument("--test-subset", type=int)
@@ -77,38 +138,66 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.epochs <= 0:
         parser.error(f"--epochs must be positive, got {args.epochs}")
+    if any(seed < 0 for seed in args.seeds):
+        parser.error(f"--seeds must be >= 0, got {args.seeds}")
+    if args.host_devices is not None:
+        if args.host_devices <= 0:
+            parser.error(f"--host-devices must be positive, got {args.host_devices}")
+        import jax
+
+        try:
+            jax.config.update("jax_num_cpu_devices", args.host_devices)
+        except RuntimeError:
+            parser.error("--host-devices must be set before JAX has started in this process")
+
+    from sgdjax import data
+    from sgdjax.training import PRESETS, Config, train_and_evaluate
+
     try:
         dataset = data.load_cifar10(args.data_dir)
     except data.DataError as error:
         parser.error(str(error))
 
     out = Path(args.out)
-    results = {}
-    for name in args.optimizers:
-        values = dict(PRESETS[args.preset])
-        values.update(OPTIMIZERS[name])
-        values.update(epochs=args.epochs, seed=args.seed, max_steps=args.max_steps,
-                      train_subset=args.train_subset, test_subset=args.test_subset)  # fmt: skip
-        if args.batch_size:
-            values["batch_size"] = args.batch_size
-        config = Config(**values)
-        print(f"== {name}: {config.optimizer}, lr {config.learning_rate}")
-        summary = train_and_evaluate(
-            config, out / name, progress=not args.no_progress, dataset=dataset
-        )
-        history = [json.loads(r) for r in (out / name / "metrics.jsonl").read_text().splitlines()]
-        results[name] = {
-            "test_accuracy": summary["test_accuracy"],
-            "wall_seconds": summary["wall_seconds"],
-            "config": dataclasses.asdict(config),
-            "history": history,
-        }
-    (out / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, out / "compare.png")
-    print("\noptimizer     test accuracy")
-    for name, result in sorted(results.items(), key=lambda item: -item[1]["test_accuracy"]):
-        print(f"{name:12s}  {result['test_accuracy']:.4f}")
-    return results
+    runs: dict[str, dict[int, dict]] = {name: {} for name in args.optimizers}
+    for seed in args.seeds:
+        for name in args.optimizers:
+            values = dict(PRESETS[args.preset])
+            values.update(OPTIMIZERS[name])
+            values.update(epochs=args.epochs, seed=seed, max_steps=args.max_steps,
+                          train_subset=args.train_subset, test_subset=args.test_subset)  # fmt: skip
+            if args.batch_size:
+                values["batch_size"] = args.batch_size
+            if args.host_devices and args.host_devices > 1:
+                values.update(parallel="sharded", num_devices=args.host_devices)
+            config = Config(**values)
+            folder = out / f"seed-{seed}" / name
+            summary = _finished(folder, json.loads(json.dumps(dataclasses.asdict(config))))
+            if summary is None:
+                if folder.exists():
+                    shutil.rmtree(folder)  # an unfinished or different run: start afresh
+                print(f"== seed {seed}, {name}: {config.optimizer}, lr {config.learning_rate}")
+                summary = train_and_evaluate(
+                    config, folder, progress=not args.no_progress, dataset=dataset
+                )
+            else:
+                print(f"== seed {seed}, {name}: finished before, reused")
+            history = [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()]
+            runs[name][seed] = {
+                "test_accuracy": summary["test_accuracy"],
+                "wall_seconds": summary["wall_seconds"],
+                "config": dataclasses.asdict(config),
+                "history": history,
+            }
+    table = summarize(runs)
+    (out / "compare.json").write_text(
+        json.dumps({"summary": table, "runs": runs}, indent=2) + "\n"
+    )
+    (out / "compare.md").write_text(markdown_table(table, args.epochs))
+    plot(runs, out / "compare.png")
+    print()
+    print(markdown_table(table, args.epochs), end="")
+    return {"summary": table, "runs": runs}
 
 
 if __name__ == "__main__":

@@ -208,20 +208,38 @@ def test_entry_point_runs_as_a_script(tiny_data, tmp_path):
     assert (tmp_path / "script" / "summary.json").is_file()
 
 
-def test_compare_runs_several_optimizers_and_plots(tiny_data, tmp_path):
+def test_compare_runs_several_optimizers_and_seeds_and_tabulates(tiny_data, tmp_path):
     spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments" / "compare.py")
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
-    results = compare.main([
+    argv = [
         "--data-dir", str(tiny_data), "--out", str(tmp_path), "--epochs", "1",
         "--batch-size", "16", "--max-steps", "2", "--optimizers", "nesterov", "adam", "sam",
-        "--no-progress",
-    ])  # fmt: skip
-    assert set(results) == {"nesterov", "adam", "sam"}
+        "--seeds", "0", "1", "--no-progress",
+    ]  # fmt: skip
+    results = compare.main(argv)
+    assert set(results["runs"]) == {"nesterov", "adam", "sam"}
     assert (tmp_path / "compare.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "compare.json").read_text())
-    assert saved["adam"]["config"]["optimizer"] == "adam"
-    assert len(saved["nesterov"]["history"]) == 1
+    assert saved["runs"]["adam"]["0"]["config"]["optimizer"] == "adam"
+    assert len(saved["runs"]["nesterov"]["1"]["history"]) == 1
+    for name, row in saved["summary"].items():
+        accuracies = [saved["runs"][name][seed]["test_accuracy"] for seed in ("0", "1")]
+        assert row["seeds"] == [0, 1]
+        assert row["mean"] == pytest.approx(np.mean(accuracies))
+        assert row["std"] == pytest.approx(np.std(accuracies, ddof=1))
+        assert row["min"] == min(accuracies) and row["max"] == max(accuracies)
+    table = (tmp_path / "compare.md").read_text().splitlines()
+    assert len(table) == 2 + 3 and all(line.count("|") == 7 for line in table)
+    # Seeds differ, so their runs differ.
+    runs = saved["runs"]["nesterov"]
+    assert runs["0"]["history"][0]["train_loss"] != runs["1"]["history"][0]["train_loss"]
+
+    # A second call reuses finished runs (same numbers, no training) and runs only new ones.
+    stamp = (tmp_path / "seed-0" / "adam" / "summary.json").stat().st_mtime_ns
+    again = compare.main([*argv[:-8], "--optimizers", "adam", "--seeds", "0", "--no-progress"])
+    assert (tmp_path / "seed-0" / "adam" / "summary.json").stat().st_mtime_ns == stamp
+    assert again["runs"]["adam"][0]["test_accuracy"] == results["runs"]["adam"][0]["test_accuracy"]
 
 
 def _copy_tree(source, target):
