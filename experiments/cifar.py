@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accumulate", type=int, help="micro-batches per update")
     parser.add_argument("--sam-rho", type=float, help="sharpness-aware minimization radius")
     parser.add_argument(
+        "--ema-decay", type=float,
+        help="keep a moving average of weights and BatchNorm statistics; evaluate it",
+    )  # fmt: skip
+    parser.add_argument(
         "--diagnostics", action="store_true", default=None,
         help="log per-layer gradient/update norms and draw diagnostics.png",
     )  # fmt: skip
@@ -156,6 +160,8 @@ def validate(config, args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if not 0 <= config.label_smoothing < 1:
         parser.error(f"--label-smoothing must lie in [0, 1), got {config.label_smoothing}")
 
+    if config.ema_decay is not None and not 0.0 <= config.ema_decay < 1.0:
+        parser.error(f"--ema-decay must lie in [0, 1), got {config.ema_decay}")
     if config.sam_rho is not None and not config.sam_rho > 0:
         parser.error(f"--sam-rho must be positive, got {config.sam_rho}")
     if config.sam_rho is not None and config.accumulate > 1:

@@ -35,6 +35,8 @@ OPTIMIZERS = {
     "lookahead": dict(optimizer="lookahead", momentum=0.9, nesterov=True, learning_rate=0.02),
     "sam": dict(optimizer="sgd", momentum=0.9, nesterov=True, learning_rate=0.02,
                 sam_rho=0.05),
+    "ema": dict(optimizer="sgd", momentum=0.9, nesterov=True, learning_rate=0.02,
+                ema_decay=0.999),
     "adam": dict(optimizer="adam", learning_rate=2e-3, weight_decay=0.0),
     "adamw": dict(optimizer="adamw", learning_rate=2e-3, weight_decay=0.05),
     "nadam": dict(optimizer="nadam", learning_rate=2e-3, weight_decay=0.0),

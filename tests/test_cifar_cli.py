@@ -141,6 +141,7 @@ BAD_FLAGS = [
     (["--num-devices", "9", "--parallel", "sharded"], "only 8 device(s) exist"),
     (["--accumulate", "3"], "not divisible by --accumulate 3"),
     (["--seed", "-1"], "--seed must be >= 0"),
+    (["--ema-decay", "1.0"], "--ema-decay must lie in [0, 1)"),
 ]
 
 
@@ -290,6 +291,20 @@ def test_variant_optimizers_train_from_the_command_line(tiny_data, tmp_path, var
     assert np.isfinite(summary["test_accuracy"])
     rows = (tmp_path / variant / "metrics.jsonl").read_text().splitlines()
     assert np.isfinite(json.loads(rows[-1])["train_loss"])
+
+
+def test_ema_run_resumes_to_the_same_averaged_model(tiny_data, tmp_path):
+    extra = ("--max-steps", "2", "--ema-decay", "0.9")
+    cifar.main(_args(tiny_data, tmp_path / "straight", "--epochs", "2", *extra))
+    cifar.main(_args(tiny_data, tmp_path / "split", "--epochs", "1", *extra))
+    cifar.main(_args(tiny_data, tmp_path / "split", "--epochs", "2", "--resume", *extra))
+    rows = {
+        name: [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("straight", "split")
+    }
+    assert [r["epoch"] for r in rows["split"]] == [1, 2]
+    for key in ("test_loss", "test_accuracy", "train_loss"):
+        assert rows["split"][-1][key] == pytest.approx(rows["straight"][-1][key], rel=1e-6)
 
 
 def test_lr_find_suggests_a_rate_and_plots(tiny_data, tmp_path):

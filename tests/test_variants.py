@@ -10,6 +10,7 @@ from helpers import mixed_tree
 
 import sgdjax
 from sgdjax import training
+from sgdjax.parallel import DATA_AXIS
 
 STEPS = 12
 
@@ -217,3 +218,79 @@ def test_sam_step_uses_the_gradient_at_the_perturbed_point():
     expected = jax.tree.map(lambda p, gi: p - 0.1 * gi, state.params, jax.grad(loss)(perturbed))
     new_state, _ = training.make_train_step(sam_rho=0.05, donate=False)(state, batch)
     chex.assert_trees_all_close(new_state.params, expected, rtol=1e-5, atol=1e-6)
+
+
+def _convnet_batch(size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.integers(0, 256, (size, 32, 32, 3), dtype=np.uint8),
+            "label": rng.integers(0, 10, size).astype(np.int32)}  # fmt: skip
+
+
+def test_ema_step_averages_params_and_batch_stats_against_numpy():
+    decay = 0.7
+    state = training.TrainState.create(
+        model=training.ConvNet(), tx=sgdjax.sgd(0.05, momentum=0.9), rng=jax.random.key(0),
+        sample_input=jnp.zeros((1, 32, 32, 3)), ema=True,
+    )  # fmt: skip
+    step = training.make_train_step(ema_decay=decay, donate=False)
+    plain = training.make_train_step(donate=False)
+    reference = jax.tree.map(
+        lambda x: np.zeros(x.shape, np.float64), {"params": state.params, **state.model_state}
+    )
+    for t in range(4):
+        batch = _convnet_batch(seed=t)
+        expected_state, _ = plain(state, batch)
+        state, _ = step(state, batch)
+        # The average does not change the trajectory itself.
+        chex.assert_trees_all_close(state.params, expected_state.params, rtol=1e-6, atol=1e-7)
+        current = {"params": state.params, **state.model_state}
+        reference = jax.tree.map(
+            lambda a, x: decay * a + (1 - decay) * np.asarray(x, np.float64), reference, current
+        )
+    assert int(state.ema.count) == 4
+    chex.assert_trees_all_close(state.ema.average, reference, rtol=1e-5, atol=1e-7)
+    averaged = state.averaged(decay)
+    debiased = jax.tree.map(lambda a: a / (1 - decay**4), reference)
+    chex.assert_trees_all_close(averaged.params, debiased["params"], rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(
+        averaged.model_state["batch_stats"], debiased["batch_stats"], rtol=1e-5, atol=1e-7
+    )
+    # The averaged state evaluates like any other.
+    sums = training.make_eval_step()(averaged, _convnet_batch(seed=9))
+    assert np.isfinite(float(sums["loss_sum"]))
+
+
+def test_ema_needs_a_state_that_keeps_one():
+    state = training.TrainState.create(
+        model=training.ConvNet(), tx=sgdjax.sgd(0.05), rng=jax.random.key(0),
+        sample_input=jnp.zeros((1, 32, 32, 3)),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="ema=True"):
+        training.make_train_step(ema_decay=0.9)(state, _convnet_batch())
+    with pytest.raises(ValueError, match="ema=True"):
+        state.averaged(0.9)
+    with pytest.raises(ValueError, match="ema_decay"):
+        training.make_train_step(ema_decay=1.0)
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+def test_ema_under_data_parallelism_equals_one_device(mode):
+    def fresh(bn_axis_name=None):
+        return training.TrainState.create(
+            model=training.ConvNet(bn_axis_name=bn_axis_name), tx=sgdjax.sgd(0.05, momentum=0.9),
+            rng=jax.random.key(0), sample_input=jnp.zeros((1, 32, 32, 3)), ema=True,
+        )  # fmt: skip
+
+    single = fresh()
+    step = training.make_train_step(ema_decay=0.8, donate=False)
+    parallel = training.make_parallel_train_step(mode, num_devices=8, ema_decay=0.8)
+    placed = parallel.place_state(
+        fresh(DATA_AXIS if training.needs_bn_axis(mode) else None)
+    )
+    for t in range(3):
+        batch = _convnet_batch(size=32, seed=t)
+        single, _ = step(single, batch)
+        placed, _ = parallel.step(placed, parallel.place_batch(batch))
+    gathered = parallel.gather_state(placed)
+    chex.assert_trees_all_close(gathered.ema.average, single.ema.average, rtol=1e-5, atol=1e-6)
+    assert int(gathered.ema.count) == 3

@@ -13,7 +13,7 @@ from sgdjax.training._state import TrainState
 
 def _to_tree(state: TrainState, epoch: int) -> dict[str, Any]:
     """The state as plain arrays (the PRNG key as its raw data) plus the epoch number."""
-    return {
+    tree = {
         "epoch": np.asarray(epoch, np.int32),
         "step": state.step,
         "params": state.params,
@@ -21,6 +21,9 @@ def _to_tree(state: TrainState, epoch: int) -> dict[str, Any]:
         "opt_state": state.opt_state,
         "rng": jax.random.key_data(state.rng),
     }
+    if state.ema is not None:
+        tree["ema"] = {"count": state.ema.count, "average": state.ema.average}
+    return tree
 
 
 def _from_tree(tree: dict[str, Any], like: TrainState) -> tuple[TrainState, int]:
@@ -33,6 +36,10 @@ def _from_tree(tree: dict[str, Any], like: TrainState) -> tuple[TrainState, int]
         ),
         rng=jax.random.wrap_key_data(tree["rng"], impl=jax.random.key_impl(like.rng)),
     )
+    if like.ema is not None:
+        if "ema" not in tree:
+            raise ValueError("the checkpoint holds no moving average, but the run keeps one")
+        state = state.replace(ema=like.ema._replace(**tree["ema"]))
     return state, int(tree["epoch"])
 
 

@@ -48,6 +48,7 @@ class Config:
     num_devices: int | None = None
     accumulate: int = 1
     sam_rho: float | None = None
+    ema_decay: float | None = None
     diagnostics: bool = False
     flip_tta: bool = False
 

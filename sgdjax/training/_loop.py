@@ -178,7 +178,11 @@ def train_and_evaluate(
         bn_axis_name=DATA_AXIS if needs_bn_axis(config.parallel) else None,
     )
     state = TrainState.create(
-        model=model, tx=tx, rng=jax.random.key(config.seed), sample_input=jnp.zeros((1, 32, 32, 3))
+        model=model,
+        tx=tx,
+        rng=jax.random.key(config.seed),
+        sample_input=jnp.zeros((1, 32, 32, 3)),
+        ema=config.ema_decay is not None,
     )
     parallel_step = make_parallel_train_step(
         config.parallel,
@@ -190,6 +194,7 @@ def train_and_evaluate(
         label_smoothing=config.label_smoothing,
         accumulate=config.accumulate,
         sam_rho=config.sam_rho,
+        ema_decay=config.ema_decay,
     )
     eval_step = make_eval_step(flip_tta=config.flip_tta)
     checkpoints = _checkpoint.Checkpointer(workdir / "checkpoints")
@@ -267,6 +272,8 @@ def train_and_evaluate(
         eval_state = state
         if config.optimizer == "schedule_free":  # evaluate the averaged sequence x
             eval_state = state.replace(params=sgdjax.schedule_free_eval_params(state.opt_state))
+        if config.ema_decay is not None:  # evaluate the averaged weights and statistics
+            eval_state = eval_state.averaged(config.ema_decay)
         test = evaluate(eval_step, eval_state, test_images, test_labels, eval_batch_size)
         measured_steps = len(losses) - (1 if epoch == start_epoch + 1 else 0)
         row = {

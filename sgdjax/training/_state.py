@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sgdjax._averaging import EmaState, ema_init, ema_value
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -22,6 +24,9 @@ class TrainState:
       model_state: the model's other collections, e.g. ``{"batch_stats": ...}``.
       opt_state: the optimizer state.
       rng: the PRNG key that the next step splits for its randomness.
+      ema: ``None``, or an :class:`sgdjax.EmaState` averaging
+        ``{"params": params, **model_state}`` (kept by steps built with
+        ``ema_decay``), so the averaged model has matching BatchNorm statistics.
       apply_fn: the model's ``apply`` (static, not part of the pytree).
       tx: the gradient transformation (static).
     """
@@ -33,6 +38,21 @@ class TrainState:
     rng: jax.Array
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    ema: EmaState | None = None
+
+    def averaged(self, decay: float, *, debias: bool = True) -> TrainState:
+        """This state with the moving averages in place of parameters and model state.
+
+        Evaluate the returned state to score the averaged model. ``decay`` must be the
+        one the steps used (it sets the debiasing factor ``1 - decay^t``).
+        """
+        if self.ema is None:
+            raise ValueError("this state keeps no average: create it with ema=True")
+        average = ema_value(self.ema, decay, debias=debias)
+        return self.replace(
+            params=average["params"],
+            model_state={name: value for name, value in average.items() if name != "params"},
+        )
 
     @classmethod
     def create(
@@ -42,6 +62,7 @@ class TrainState:
         tx: optax.GradientTransformation,
         rng: jax.Array,
         sample_input: jax.Array,
+        ema: bool = False,
     ) -> TrainState:
         """Initialises the model's variables and the optimizer state.
 
@@ -50,6 +71,8 @@ class TrainState:
           tx: any sgdjax or optax transform.
           rng: a PRNG key; split into the init key and the training key.
           sample_input: a batch of the input shape (its values are not used).
+          ema: also start a moving average of the parameters and model state
+            (see ``make_train_step(ema_decay=...)``).
 
         Returns:
           A new :class:`TrainState` at step 0.
@@ -66,4 +89,5 @@ class TrainState:
             rng=train_key,
             apply_fn=model.apply,
             tx=tx,
+            ema=ema_init({"params": params, **model_state}) if ema else None,
         )

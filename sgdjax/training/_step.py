@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sgdjax._base import find_state
+from sgdjax._averaging import ema_update
+from sgdjax._base import check_in_range, find_state
 from sgdjax._clipping import global_norm
 from sgdjax._combine import apply_updates
 from sgdjax.data import normalize
@@ -71,6 +72,7 @@ def make_train_step(
     axis_name: str | None = None,
     accumulate: int = 1,
     sam_rho: float | None = None,
+    ema_decay: float | None = None,
     donate: bool = True,
     jit: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
@@ -98,6 +100,10 @@ def make_train_step(
         the update uses the gradient at ``theta + rho * g / ||g||``, where ``g`` is
         the (device-averaged) gradient at ``theta``; BatchNorm statistics come from
         the first pass. ``None`` for plain steps.
+      ema_decay: also update ``state.ema`` (create the state with ``ema=True``), the
+        exponential moving average of the new parameters and model state:
+        ``a_t = ema_decay * a_{t-1} + (1 - ema_decay) * x_t``. Score the average
+        with ``state.averaged(ema_decay)``.
       donate: donate the input state's buffers to the output (jit only).
       jit: return the step jitted.
 
@@ -112,6 +118,8 @@ def make_train_step(
         raise ValueError(f"sam_rho must be positive, got {sam_rho!r}")
     if sam_rho is not None and accumulate > 1:
         raise ValueError("sam_rho and accumulate > 1 cannot be combined")
+    if ema_decay is not None:
+        check_in_range("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
 
     def loss_and_grads(state, params, model_state, images, labels):
         def loss_fn(params):
@@ -195,12 +203,18 @@ def make_train_step(
             "grad_norm": global_norm(grads),
             "learning_rate": learning_rate,
         }
+        ema = state.ema
+        if ema_decay is not None:
+            if ema is None:
+                raise ValueError("ema_decay needs a state created with ema=True")
+            ema = ema_update(ema, {"params": params, **model_state}, ema_decay)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
             model_state=model_state,
             opt_state=opt_state,
             rng=rng,
+            ema=ema,
         )
         return new_state, metrics
 
