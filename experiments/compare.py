@@ -192,9 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "history": history,
             }
     table = summarize(runs)
-    (out / "compare.json").write_text(
-        json.dumps({"summary": table, "runs": runs}, indent=2) + "\n"
-    )
+    (out / "compare.json").write_text(json.dumps({"summary": table, "runs": runs}, indent=2) + "\n")
     (out / "compare.md").write_text(markdown_table(table, args.epochs))
     plot(runs, out / "compare.png")
     print()

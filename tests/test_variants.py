@@ -284,9 +284,7 @@ def test_ema_under_data_parallelism_equals_one_device(mode):
     single = fresh()
     step = training.make_train_step(ema_decay=0.8, donate=False)
     parallel = training.make_parallel_train_step(mode, num_devices=8, ema_decay=0.8)
-    placed = parallel.place_state(
-        fresh(DATA_AXIS if training.needs_bn_axis(mode) else None)
-    )
+    placed = parallel.place_state(fresh(DATA_AXIS if training.needs_bn_axis(mode) else None))
     for t in range(3):
         batch = _convnet_batch(size=32, seed=t)
         single, _ = step(single, batch)
