@@ -42,7 +42,7 @@ def split_host_into_devices(argv: list[str]) -> None:
 
 # ---------------------------------------------------------------- flags
 
-PRESET_NAMES = ("tutorial", "resnet9")
+PRESET_NAMES = ("tutorial", "resnet9", "speedrun")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", choices=PRESET_NAMES, default="tutorial")
     parser.add_argument("--model", choices=sorted(MODELS))
-    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--epochs", type=float, help="whole epochs (speedrun: fractions too)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--momentum", type=float)
@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--runs", type=int,
+        help="speedrun: train this many times (seeds --seed, --seed + 1, ...) after one compile",
+    )  # fmt: skip
     return parser
 
 
@@ -189,14 +193,7 @@ def validate(config, args: argparse.Namespace, parser: argparse.ArgumentParser) 
                 f"count {devices}"
             )
 
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        parser.error(f"--out {out}: cannot write there ({error.strerror or error})")
+    out = check_out(args.out, parser)
     from sgdjax.training import Checkpointer
 
     if args.resume and not (out / "checkpoints").is_dir():
@@ -206,6 +203,86 @@ def validate(config, args: argparse.Namespace, parser: argparse.ArgumentParser) 
             f"--out {out} already holds checkpoints of a run: continue it with --resume, "
             "or choose another --out"
         )
+
+
+def check_out(out: str, parser: argparse.ArgumentParser) -> Path:
+    """Creates ``out`` and checks that files can be written there."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        parser.error(f"--out {out}: cannot write there ({error.strerror or error})")
+    return out
+
+
+# ---------------------------------------------------------------- speed run
+
+# flag -> SpeedrunConfig field; every other training flag does not apply.
+SPEEDRUN_FLAGS = {
+    "epochs": "epochs", "batch_size": "batch_size", "learning_rate": "learning_rate",
+    "momentum": "momentum", "weight_decay": "weight_decay",
+    "label_smoothing": "label_smoothing", "bf16": "bf16", "seed": "seed",
+    "max_steps": "max_steps", "flip_tta": "tta",
+}  # fmt: skip
+SPEEDRUN_EXTRA = {"preset", "data_dir", "out", "no_progress", "runs", "train_subset",
+                  "test_subset", "coordinator", "num_processes", "process_id"}  # fmt: skip
+
+
+def run_speedrun(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """``--preset speedrun``: the airbench-style recipe, timed over ``--runs`` seeds."""
+    import json
+
+    from sgdjax.training import SpeedrunConfig, speedrun
+    from sgdjax.training._loop import environment
+
+    for name, value in vars(args).items():
+        if value not in (None, False) and name not in SPEEDRUN_FLAGS and name not in SPEEDRUN_EXTRA:
+            parser.error(f"--{name.replace('_', '-')} does not apply to --preset speedrun")
+    runs = 1 if args.runs is None else args.runs
+    if runs <= 0:
+        parser.error(f"--runs must be positive, got {runs}")
+    for flag in ("train_subset", "test_subset"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    given = {
+        SPEEDRUN_FLAGS[k]: v for k, v in vars(args).items() if k in SPEEDRUN_FLAGS and v is not None
+    }
+    try:
+        config = SpeedrunConfig(**given)
+    except ValueError as error:
+        parser.error(f"--preset speedrun: {error}")
+    out = check_out(args.out, parser)
+    dataset = load_data(args, parser)
+    train_images, train_labels = dataset.train_images, dataset.train_labels
+    test_images, test_labels = dataset.test_images, dataset.test_labels
+    if args.train_subset:
+        train_images, train_labels = (
+            train_images[: args.train_subset],
+            train_labels[: args.train_subset],
+        )
+    if args.test_subset:
+        test_images, test_labels = test_images[: args.test_subset], test_labels[: args.test_subset]
+    if len(train_images) < config.batch_size:
+        parser.error(
+            f"--batch-size {config.batch_size} is larger than the "
+            f"{len(train_images)} training images"
+        )
+    result = speedrun(config, train_images, train_labels, test_images, test_labels, runs=runs)
+    result["environment"] = environment()
+    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    spread = "" if runs == 1 else f" ± {100 * result['accuracy_std']:.2f}"
+    time_spread = "" if runs == 1 else f" ± {result['seconds_std']:.2f}"
+    print(
+        f"speedrun: {runs} run(s), accuracy {100 * result['accuracy_mean']:.2f}%{spread}, "
+        f"{result['seconds_mean']:.2f}{time_spread} s per run without compile, "
+        f"{result['seconds_with_compile_mean']:.2f} s with compile "
+        f"({result['compile_seconds']:.1f} s) on {result['device']}"
+    )
+    return result
 
 
 def load_data(args, parser):
@@ -229,6 +306,14 @@ def main(argv: list[str] | None = None) -> dict:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     except ValueError as error:
         parser.error(str(error))
+    if args.preset == "speedrun":
+        return run_speedrun(args, parser)
+    if args.runs is not None:
+        parser.error("--runs applies to --preset speedrun only")
+    if args.epochs is not None:
+        if not float(args.epochs).is_integer():
+            parser.error(f"--epochs must be a whole number here, got {args.epochs}")
+        args.epochs = int(args.epochs)
     config = make_config(args)
     validate(config, args, parser)
     dataset = load_data(args, parser)

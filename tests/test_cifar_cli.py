@@ -307,6 +307,51 @@ def test_ema_run_resumes_to_the_same_averaged_model(tiny_data, tmp_path):
         assert rows["split"][-1][key] == pytest.approx(rows["straight"][-1][key], rel=1e-6)
 
 
+def test_speedrun_preset_runs_end_to_end_with_a_step_limit(tiny_data, tmp_path, capsys):
+    out = tmp_path / "speed"
+    result = cifar.main([
+        "--preset", "speedrun", "--data-dir", str(tiny_data), "--out", str(out),
+        "--batch-size", "16", "--epochs", "1.5", "--max-steps", "2", "--runs", "2",
+        "--no-progress",
+    ])  # fmt: skip
+    saved = json.loads((out / "summary.json").read_text())
+    assert [run["seed"] for run in saved["runs"]] == [0, 1]
+    assert saved["steps_per_run"] == 4  # two epochs of at most 2 steps (the second partial)
+    assert 0.0 <= saved["accuracy_mean"] <= 1.0 and saved["compile_seconds"] > 0
+    assert saved["config"]["epochs"] == 1.5 and saved["environment"]["versions"]["jax"]
+    assert result["accuracy_mean"] == saved["accuracy_mean"]
+    assert "without compile" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--optimizer", "adam"], "--optimizer does not apply to --preset speedrun"),
+        (["--resume"], "--resume does not apply"),
+        (["--runs", "0"], "--runs must be positive"),
+        (["--momentum", "1.5"], "momentum out of range"),
+    ],
+)
+def test_speedrun_preset_rejects_flags_that_do_not_apply(
+    tiny_data, tmp_path, capsys, extra, message
+):
+    with pytest.raises(SystemExit) as exited:
+        cifar.main(["--preset", "speedrun", "--data-dir", str(tiny_data), "--out",
+                    str(tmp_path / "o"), *extra])  # fmt: skip
+    assert exited.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and message in error_lines[0]
+
+
+def test_fractional_epochs_only_for_the_speedrun(tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cifar.main(_args(tiny_data, tmp_path / "o", "--epochs", "1.5"))
+    assert "--epochs must be a whole number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cifar.main(_args(tiny_data, tmp_path / "o", "--runs", "2"))
+    assert "--runs applies to --preset speedrun only" in capsys.readouterr().err
+
+
 def test_lr_find_suggests_a_rate_and_plots(tiny_data, tmp_path):
     spec = importlib.util.spec_from_file_location("lr_find", ROOT / "experiments" / "lr_find.py")
     lr_find = importlib.util.module_from_spec(spec)

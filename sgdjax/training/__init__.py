@@ -19,6 +19,8 @@ from sgdjax.training._models import (
     max_pool_2x2,
 )
 from sgdjax.training._parallel import MODES, ParallelStep, make_parallel_train_step, needs_bn_axis
+from sgdjax.training._speednet import SpeedNet, whitening_kernel
+from sgdjax.training._speedrun import SpeedrunConfig, speedrun
 from sgdjax.training._state import TrainState
 from sgdjax.training._step import (
     cross_entropy,
@@ -43,6 +45,8 @@ __all__ = [
     "ResNet18",
     "ResNet9",
     "SCHEDULES",
+    "SpeedNet",
+    "SpeedrunConfig",
     "TrainState",
     "create_model",
     "cross_entropy",
@@ -57,5 +61,7 @@ __all__ = [
     "make_train_step",
     "max_pool_2x2",
     "needs_bn_axis",
+    "speedrun",
     "train_and_evaluate",
+    "whitening_kernel",
 ]
