@@ -62,8 +62,13 @@ def global_norm(tree) -> jax.Array:
 
 
 def _rescale(g: jax.Array, norm: jax.Array, max_norm: ArrayLike) -> jax.Array:
-    """``g`` if ``norm < max_norm`` else ``g * max_norm / norm``, in ``g``'s dtype."""
-    clipped = g / norm.astype(g.dtype) * max_norm
+    """``g`` if ``norm < max_norm`` else ``g * max_norm / norm``, in ``g``'s dtype.
+
+    The division happens in the norm's (float32 or wider) dtype: a float16 norm above
+    65504 would be infinite and zero the update.
+    """
+    wide = jnp.promote_types(g.dtype, norm.dtype)
+    clipped = (g.astype(wide) / norm.astype(wide) * max_norm).astype(g.dtype)
     return jnp.where(norm < max_norm, g, clipped).astype(g.dtype)
 
 
@@ -201,8 +206,11 @@ def adaptive_grad_clip(clipping: ArrayLike, eps: ArrayLike = 1e-3) -> optax.Grad
 
     References:
       Brock et al., "High-Performance Large-Scale Image Recognition Without
-      Normalization" (2021). ``optax.adaptive_grad_clip`` gives the same numbers for
-      vectors, dense and conv kernels.
+      Normalization" (2021). Units are the last axis (output features in Flax's
+      layouts): the norm runs over all other axes. ``optax.adaptive_grad_clip`` gives
+      the same numbers for vectors, 2-D dense kernels with more than one input and
+      4-D conv kernels; it differs on ``(1, N)`` kernels (which it treats as vectors)
+      and on 3-D leaves (where it reduces over the first axis only).
     """
     _base.check_in_range("clipping", clipping, low=0.0, low_inclusive=False)
     _base.check_in_range("eps", eps, low=0.0, low_inclusive=False)
@@ -215,7 +223,8 @@ def adaptive_grad_clip(clipping: ArrayLike, eps: ArrayLike = 1e-3) -> optax.Grad
         def clip_leaf(g, p):
             max_norm = clipping * jnp.maximum(unitwise_norm(p), eps)
             g_norm = unitwise_norm(g)
-            clipped = g * (max_norm / jnp.maximum(g_norm, 1e-6)).astype(g.dtype)
+            ratio = max_norm / jnp.maximum(g_norm, 1e-6)  # float32 or wider
+            clipped = (g.astype(ratio.dtype) * ratio).astype(g.dtype)
             return jnp.where(g_norm < max_norm, g, clipped).astype(g.dtype)
 
         return jax.tree.map(clip_leaf, updates, params)

@@ -297,6 +297,19 @@ class TestClipping(chex.TestCase):
         chex.assert_type(u["w"], jnp.bfloat16)
         np.testing.assert_allclose(np.asarray(u["w"], np.float32), 0.5)
 
+    def test_float16_norm_beyond_float16_range_still_clips(self):
+        # Entries of 2000 over 4096 leaves: norm 128,000 > 65504 (float16's largest).
+        g = {"w": jnp.full((4096,), 2000.0, jnp.float16)}
+        for tx in (sgdjax.clip_by_global_norm(64.0), sgdjax.clip_by_norm(64.0)):
+            u, _ = tx.update(g, tx.init(g))
+            chex.assert_type(u["w"], jnp.float16)
+            np.testing.assert_allclose(np.asarray(u["w"], np.float32), 1.0, rtol=1e-3)
+        w = {"w": jnp.ones((4096, 1), jnp.float16)}
+        big = {"w": jnp.full((4096, 1), 2000.0, jnp.float16)}
+        tx = sgdjax.adaptive_grad_clip(1.0)
+        u, _ = tx.update(big, tx.init(w), w)  # ||W|| = 64: the gradient is scaled to norm 64
+        np.testing.assert_allclose(np.asarray(u["w"], np.float32), 1.0, rtol=1e-3)
+
 
 # ---------------------------------------------------------------- weight decay
 
