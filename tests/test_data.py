@@ -1,7 +1,9 @@
 """The data layer: loaders on generated folders and pickles, tfds (mocked), cache, augmentation."""
 
+import io
 import os
 import pickle
+import struct
 import time
 
 import chex
@@ -34,7 +36,36 @@ def make_image_folder(root, classes=CLASSES, train_per_class=4, test_per_class=2
     return expected
 
 
-def make_pickles(root, per_batch=6, seed=0):
+class Python2Pickler(pickle._Pickler):
+    """Writes every str and bytes object as Python 2 wrote its ``str``: (SHORT_)BINSTRING.
+
+    The original CIFAR-10 batches were written by Python 2's cPickle this way (keys,
+    dtype codes and the array's raw data alike); Python 3 reads such strings only
+    with ``encoding="bytes"`` (or latin-1).
+    """
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_python2_str(self, obj):
+        raw = obj.encode("latin-1") if isinstance(obj, str) else obj
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[str] = _save_python2_str
+    dispatch[bytes] = _save_python2_str
+
+
+def python2_dump(obj, handle):
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(obj)
+    # numpy of the Python 2 era lived in numpy.core.
+    handle.write(buffer.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+
+
+def make_pickles(root, per_batch=6, seed=0, dump=pickle.dump):
     rng = np.random.default_rng(seed)
     expected = {"train": ([], []), "test": ([], [])}
     names = [f"batch_{i}" for i in range(1, 6)] + ["test"]
@@ -43,12 +74,12 @@ def make_pickles(root, per_batch=6, seed=0):
         labels = rng.integers(0, 10, per_batch).tolist()
         file = root / ("test_batch" if name == "test" else "data_" + name)
         with open(file, "wb") as handle:
-            pickle.dump({b"data": data_rows, b"labels": labels}, handle)
+            dump({b"data": data_rows, b"labels": labels}, handle)
         split = "test" if name == "test" else "train"
         expected[split][0].append(data_rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         expected[split][1].append(np.asarray(labels, np.int32))
     with open(root / "batches.meta", "wb") as handle:
-        pickle.dump({b"label_names": [n.encode() for n in data.CIFAR10_CLASSES]}, handle)
+        dump({b"label_names": [n.encode() for n in data.CIFAR10_CLASSES]}, handle)
     return {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in expected.items()}
 
 
@@ -95,6 +126,20 @@ def test_pickle_batches(tmp_path):
         np.testing.assert_array_equal(loaded.test_images, expected["test"][0])
         np.testing.assert_array_equal(loaded.test_labels, expected["test"][1])
         assert loaded.class_names == data.CIFAR10_CLASSES
+
+
+def test_pickles_written_by_python2(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    expected = make_pickles(root, dump=python2_dump)
+    raw = (root / "data_batch_1").read_bytes()
+    assert b"numpy.core.multiarray" in raw and b"_codecs" not in raw
+    with pytest.raises(UnicodeDecodeError):  # what a plain pickle.load does with them
+        pickle.loads(raw)
+    loaded = data.load_cifar10(root, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(loaded.train_images, expected["train"][0])
+    np.testing.assert_array_equal(loaded.test_labels, expected["test"][1])
+    assert loaded.class_names == data.CIFAR10_CLASSES
 
 
 def test_pickles_never_run_code(tmp_path):
