@@ -1,12 +1,17 @@
 """Images per second of one training step: sgdjax vs plain flax + optax vs PyTorch.
 
     python benchmarks/train_throughput.py [--models convnet resnet9] [--batch-sizes 128 512]
-                                          [--steps 30] [--quick] [--out FILE.json]
+                                          [--steps 30] [--host-devices N] [--quick]
+                                          [--out FILE.json]
 
 All contenders train the same architecture (SGD, momentum 0.9, weight decay 5e-4,
 cross-entropy) on the same random uint8 images, in one run; steps are interleaved in
 rounds so machine noise hits all alike. Reported: median images/s and the
 interquartile range over the timed steps, after warm-up (compile time apart).
+
+``--host-devices N`` splits the CPU into N JAX devices and adds "sgdjax sharded":
+the same step, jitted over a device mesh with the batch sharded (the same numbers
+as one device; XLA then runs the shards' programs side by side on the cores).
 """
 
 from __future__ import annotations
@@ -42,6 +47,29 @@ def sgdjax_step(model_name: str, batch_size: int):
 
     def run(batch):
         box["state"], metrics = step(box["state"], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    return run
+
+
+def sgdjax_sharded_step(model_name: str, batch_size: int):
+    """sgdjax's training path over every JAX device: batch sharded, state replicated."""
+    import jax
+    import jax.numpy as jnp
+
+    import sgdjax
+    from sgdjax import training
+
+    model = training.create_model(model_name)
+    tx = sgdjax.sgd(0.05, momentum=0.9, weight_decay=5e-4)
+    state = training.TrainState.create(
+        model=model, tx=tx, rng=jax.random.key(0), sample_input=jnp.zeros((1, 32, 32, 3))
+    )
+    parallel = training.make_parallel_train_step("sharded")
+    box = {"state": parallel.place_state(state)}
+
+    def run(batch):
+        box["state"], metrics = parallel.step(box["state"], parallel.place_batch(batch))
         jax.block_until_ready(metrics["loss"])
 
     return run
@@ -193,6 +221,7 @@ def torch_step(model_name: str, batch_size: int, *, compiled: bool = False):
 
 CONTENDERS = {
     "sgdjax": sgdjax_step,
+    "sgdjax sharded": sgdjax_sharded_step,
     "flax+optax": flax_optax_step,
     "torch eager": torch_step,
     "torch.compile": lambda model, batch: torch_step(model, batch, compiled=True),
@@ -208,16 +237,36 @@ def main(argv=None):
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--host-devices", type=int,
+        help="split the CPU into N JAX devices (adds 'sgdjax sharded' to the contenders)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    import jax
+
+    if args.host_devices is not None:
+        if args.host_devices <= 0:
+            parser.error(f"--host-devices must be positive, got {args.host_devices}")
+        try:
+            jax.config.update("jax_num_cpu_devices", args.host_devices)
+        except RuntimeError:
+            parser.error("--host-devices must be set before JAX has started in this process")
+    if jax.device_count() == 1:
+        args.contenders = [c for c in args.contenders if c != "sgdjax sharded"]
     if args.quick:
         args.models, args.batch_sizes, args.steps, args.warmup = ["convnet"], [16], 2, 1
         args.contenders = [c for c in args.contenders if c != "torch.compile"]
 
     import torch
 
-    results = {"environment": environment(), "torch_threads": torch.get_num_threads(), "runs": []}
+    results = {
+        "environment": environment(),
+        "torch_threads": torch.get_num_threads(),
+        "jax_devices": jax.device_count(),
+        "runs": [],
+    }
     for model_name in args.models:
         for batch_size in args.batch_sizes:
             rng = np.random.default_rng(0)

@@ -15,6 +15,10 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     [
         ("update_overhead.py", []),
         ("train_throughput.py", ["--contenders", "sgdjax", "flax+optax", "torch eager"]),
+        (
+            "train_throughput.py",
+            ["--host-devices", "2", "--contenders", "sgdjax", "sgdjax sharded"],
+        ),
         ("scaling.py", []),
     ],
 )
@@ -28,3 +32,7 @@ def test_benchmark_quick_run(tmp_path, script, extra):
     payload = json.loads(out.read_text())
     assert payload["environment"]["versions"]["jax"]
     assert "median" in result.stdout or "images/s" in result.stdout
+    if "--host-devices" in extra:
+        assert payload["jax_devices"] == 2
+        ran = {run["contender"] for run in payload["runs"] if "failed" not in run}
+        assert ran == {"sgdjax", "sgdjax sharded"}
