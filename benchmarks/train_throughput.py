@@ -246,13 +246,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import jax
 
+    from sgdjax.parallel import use_cpu_devices
+
     if args.host_devices is not None:
-        if args.host_devices <= 0:
-            parser.error(f"--host-devices must be positive, got {args.host_devices}")
         try:
-            jax.config.update("jax_num_cpu_devices", args.host_devices)
-        except RuntimeError:
-            parser.error("--host-devices must be set before JAX has started in this process")
+            use_cpu_devices(args.host_devices)
+        except (ValueError, RuntimeError) as error:
+            parser.error(f"--host-devices: {error}")
     if jax.device_count() == 1:
         args.contenders = [c for c in args.contenders if c != "sgdjax sharded"]
     if args.quick:

@@ -143,14 +143,12 @@ def main(argv: list[str] | None = None) -> dict:
     if any(seed < 0 for seed in args.seeds):
         parser.error(f"--seeds must be >= 0, got {args.seeds}")
     if args.host_devices is not None:
-        if args.host_devices <= 0:
-            parser.error(f"--host-devices must be positive, got {args.host_devices}")
-        import jax
+        from sgdjax.parallel import use_cpu_devices
 
         try:
-            jax.config.update("jax_num_cpu_devices", args.host_devices)
-        except RuntimeError:
-            parser.error("--host-devices must be set before JAX has started in this process")
+            use_cpu_devices(args.host_devices)
+        except (ValueError, RuntimeError) as error:
+            parser.error(f"--host-devices: {error}")
 
     from sgdjax import data
     from sgdjax.training import PRESETS, Config, train_and_evaluate

@@ -136,3 +136,13 @@ def test_initialize_distributed_is_a_no_op_for_one_process(monkeypatch):
     assert parallel.initialize_distributed() is False
     with pytest.raises(ValueError, match="SGDJAX_PROCESS_ID"):
         parallel.initialize_distributed(coordinator_address="localhost:1234", num_processes=2)
+
+
+def test_use_cpu_devices_checks_its_argument_and_the_start_up_order():
+    from sgdjax.parallel import use_cpu_devices
+
+    with pytest.raises(ValueError, match="positive integer"):
+        use_cpu_devices(0)
+    jax.devices()  # the backends are up in the test process
+    with pytest.raises(RuntimeError, match="before JAX's first computation"):
+        use_cpu_devices(2)

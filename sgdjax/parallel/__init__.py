@@ -1,6 +1,7 @@
 """Device meshes, shardings (including ZeRO stage 1) and multi-host start-up."""
 
 from sgdjax.parallel._distributed import initialize_distributed
+from sgdjax.parallel._host import use_cpu_devices
 from sgdjax.parallel._mesh import (
     DATA_AXIS,
     batch_sharding,
@@ -21,5 +22,6 @@ __all__ = [
     "initialize_distributed",
     "replicated",
     "shard_batch",
+    "use_cpu_devices",
     "zero_sharding",
 ]

@@ -18,16 +18,21 @@ import numpy as np
 WHITEN_PATCH = 2
 
 
-def patch_covariance(images: jax.Array) -> jax.Array:
-    """``P^T P / n`` over every 2x2 patch ``p`` (flattened as ``(dy, dx, c)``) of NHWC floats."""
+def _patches(xp, images):
+    """Every 2x2 patch of NHWC ``images`` as a row ``(dy, dx, c)``; ``xp`` is numpy or jnp."""
     n, height, width, channels = images.shape
     k = WHITEN_PATCH
-    patches = jnp.stack(
-        [images[:, dy : height - k + 1 + dy, dx : width - k + 1 + dx, :]
-         for dy in range(k) for dx in range(k)],
-        axis=3,
-    ).reshape(-1, k * k * channels)  # fmt: skip
-    patches = patches.astype(jnp.float32)
+    windows = [
+        images[:, dy : height - k + 1 + dy, dx : width - k + 1 + dx, :]
+        for dy in range(k)
+        for dx in range(k)
+    ]
+    return xp.stack(windows, axis=3).reshape(-1, k * k * channels)
+
+
+def patch_covariance(images: jax.Array) -> jax.Array:
+    """``P^T P / n`` over every 2x2 patch ``p`` (flattened as ``(dy, dx, c)``) of NHWC floats."""
+    patches = _patches(jnp, images).astype(jnp.float32)
     return jnp.matmul(patches.T, patches, precision="highest") / patches.shape[0]
 
 
@@ -62,13 +67,7 @@ def whitening_kernel(images: np.ndarray, *, eps: float = 5e-4) -> np.ndarray:
     images = np.asarray(images, np.float64)
     if images.ndim != 4:
         raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
-    n, height, width, channels = images.shape
-    k = WHITEN_PATCH
-    patches = np.stack(
-        [images[:, dy : height - k + 1 + dy, dx : width - k + 1 + dx, :]
-         for dy in range(k) for dx in range(k)],
-        axis=3,
-    ).reshape(-1, k * k * channels)  # fmt: skip
+    patches = _patches(np, images)
     return kernel_from_covariance(patches.T @ patches / len(patches), eps=eps)
 
 
