@@ -107,8 +107,12 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
     plt.close(figure)
 
 
-def _finished(folder: Path, config_dict: dict) -> dict | None:
-    """The saved run in ``folder`` if it finished with exactly these settings."""
+def _finished(folder: Path, config_dict: dict, defaults: dict) -> dict | None:
+    """The saved run in ``folder`` if it finished with exactly these settings.
+
+    A setting missing from the saved config (one added to ``Config`` since) counts as
+    its default, so older runs stay valid when new options appear.
+    """
     summary_path = folder / "summary.json"
     if not summary_path.is_file():
         return None
@@ -116,7 +120,11 @@ def _finished(folder: Path, config_dict: dict) -> dict | None:
         summary = json.loads(summary_path.read_text())
     except json.JSONDecodeError:
         return None
-    return summary if summary.get("config") == config_dict else None
+    saved = summary.get("config", {})
+    if set(saved) - set(config_dict):
+        return None
+    same = all(saved.get(key, defaults.get(key)) == value for key, value in config_dict.items())
+    return summary if same else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -158,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     except data.DataError as error:
         parser.error(str(error))
 
+    defaults = json.loads(json.dumps(dataclasses.asdict(Config())))
     out = Path(args.out)
     runs: dict[str, dict[int, dict]] = {name: {} for name in args.optimizers}
     for seed in args.seeds:
@@ -172,7 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
                 values.update(parallel="sharded", num_devices=args.host_devices)
             config = Config(**values)
             folder = out / f"seed-{seed}" / name
-            summary = _finished(folder, json.loads(json.dumps(dataclasses.asdict(config))))
+            summary = _finished(
+                folder, json.loads(json.dumps(dataclasses.asdict(config))), defaults
+            )
             if summary is None:
                 if folder.exists():
                     shutil.rmtree(folder)  # an unfinished or different run: start afresh

@@ -237,7 +237,12 @@ def test_compare_runs_several_optimizers_and_seeds_and_tabulates(tiny_data, tmp_
     assert runs["0"]["history"][0]["train_loss"] != runs["1"]["history"][0]["train_loss"]
 
     # A second call reuses finished runs (same numbers, no training) and runs only new ones.
-    stamp = (tmp_path / "seed-0" / "adam" / "summary.json").stat().st_mtime_ns
+    # A run saved before a setting existed (here: no "ema_decay") still counts as finished.
+    summary_path = tmp_path / "seed-0" / "adam" / "summary.json"
+    older = json.loads(summary_path.read_text())
+    del older["config"]["ema_decay"]
+    summary_path.write_text(json.dumps(older))
+    stamp = summary_path.stat().st_mtime_ns
     again = compare.main([*argv[:-8], "--optimizers", "adam", "--seeds", "0", "--no-progress"])
     assert (tmp_path / "seed-0" / "adam" / "summary.json").stat().st_mtime_ns == stamp
     assert again["runs"]["adam"][0]["test_accuracy"] == results["runs"]["adam"][0]["test_accuracy"]
