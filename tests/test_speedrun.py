@@ -155,16 +155,30 @@ def test_tta_averages_the_six_views():
     )
 
 
-def _run_epoch(config, total_steps, steps, seed=0):
+def _run_epoch(config, total_steps, steps, seed=0, chunk=None):
     model = SpeedNet(**SMALL)
     tx = _speedrun.make_optimizer(config, total_steps, steps)
     images = jnp.asarray(_images(steps * config.batch_size))
     labels = jnp.asarray(np.arange(len(images)) % 10, jnp.int32)
     whiten = whitening_kernel(np.asarray(normalize(images[:8])))
     state = _speedrun.init_state(config, model, tx, whiten, jax.random.key(seed))
-    epoch = jax.jit(_speedrun.make_train_epoch(config, model, tx, total_steps), static_argnums=6)
-    base = jnp.zeros(len(images), bool)
-    return state, epoch(state, images, labels, base, 0, jax.random.key(1), steps)
+    epoch = jax.jit(_speedrun.make_train_epoch(config, model, tx, total_steps), static_argnums=7)
+    base = jax.random.bernoulli(jax.random.key(5), 0.5, (len(images),))
+    chunk = chunk or steps
+    start, losses = state, []
+    for first in range(0, steps, chunk):
+        state, metrics = epoch(state, images, labels, base, 1, jax.random.key(1), first,
+                               min(chunk, steps - first))  # fmt: skip
+        losses.append(metrics["loss"])
+    return start, (state, {"loss": jnp.concatenate(losses)})
+
+
+def test_one_step_per_call_equals_the_whole_epoch_in_one_scan():
+    config = SpeedrunConfig(batch_size=8, lookahead_period=2, **SMALL)
+    _, (whole, whole_metrics) = _run_epoch(config, total_steps=20, steps=5)
+    _, (split, split_metrics) = _run_epoch(config, total_steps=20, steps=5, chunk=2)
+    np.testing.assert_allclose(whole_metrics["loss"], split_metrics["loss"], rtol=1e-5)
+    chex.assert_trees_all_close(whole, split, rtol=1e-4, atol=1e-6)
 
 
 def test_lookahead_every_period_and_slow_weights_at_the_end():
@@ -219,6 +233,10 @@ def test_speedrun_learns_separable_data_and_reports_times():
                             **SMALL)  # fmt: skip
     lines = []
     result = speedrun(config, train_x, train_y, test_x, test_y, runs=2, log=lines.append)
+    # One program per epoch gives the same numbers as one per step (the CPU default).
+    whole = speedrun(config, train_x, train_y, test_x, test_y, steps_per_call=100,
+                     log=lambda line: None)  # fmt: skip
+    assert whole["runs"][0]["accuracy"] == pytest.approx(result["runs"][0]["accuracy"], abs=0.02)
     assert [run["seed"] for run in result["runs"]] == [0, 1]
     assert result["steps_per_run"] == 40 and all(run["steps"] == 40 for run in result["runs"])
     assert result["accuracy_mean"] > 0.75, result["runs"]  # chance: 0.1

@@ -209,13 +209,15 @@ def init_state(config: SpeedrunConfig, model: SpeedNet, tx, whiten: np.ndarray, 
 def make_train_epoch(
     config: SpeedrunConfig, model: SpeedNet, tx, total_steps: int
 ) -> Callable[..., tuple[dict, dict]]:
-    """``train_epoch(state, images, labels, base_flips, epoch, key, num_steps)``.
+    """``train_epoch(state, images, labels, base_flips, epoch, key, start, num_steps)``.
 
-    One ``lax.scan`` over ``num_steps`` batches (static) drawn from the device-resident
-    uint8 ``images``: a fresh permutation per epoch, alternating flips, translation,
-    normalization, forward/backward, the update, and the lookahead every
-    ``lookahead_period`` steps (and at the run's last step, which leaves the slow
-    weights in place). Returns the state and per-step ``loss`` and ``accuracy``.
+    Runs steps ``start, ..., start + num_steps - 1`` (``num_steps`` static) of one epoch
+    as a ``lax.scan`` over batches drawn from the device-resident uint8 ``images``: the
+    epoch's permutation (from ``key``), alternating flips, translation (a key per step,
+    folded from the step's index), normalization, forward/backward, the update, and the
+    lookahead every ``lookahead_period`` steps (and at the run's last step, which
+    leaves the slow weights in place). A whole epoch in one call and one call per step
+    give the same result. Returns the state and per-step ``loss`` and ``accuracy``.
     """
     period = config.lookahead_period
 
@@ -242,12 +244,16 @@ def make_train_epoch(
                      "opt_state": opt_state, "slow": slow}  # fmt: skip
         return new_state, {"loss": loss, "accuracy": accuracy}
 
-    def train_epoch(state, images, labels, base_flips, epoch, key, num_steps):
+    def train_epoch(state, images, labels, base_flips, epoch, key, start, num_steps):
         order_key, shift_key = jax.random.split(key)
         order = jax.random.permutation(order_key, images.shape[0])
-        order = order[: num_steps * config.batch_size].reshape(num_steps, config.batch_size)
+        size = config.batch_size
+        order = jax.lax.dynamic_slice_in_dim(order, start * size, num_steps * size)
+        order = order.reshape(num_steps, size)
         flips = alternating_flips(base_flips, epoch)
-        shift_keys = jax.random.split(shift_key, num_steps)
+        shift_keys = jax.vmap(lambda i: jax.random.fold_in(shift_key, i))(
+            start + jnp.arange(num_steps)
+        )
 
         def scanned(state, inputs):
             index, shift = inputs
@@ -256,7 +262,9 @@ def make_train_epoch(
             batch = normalize(translate(shift, batch, config.translate))
             return step(state, (batch, labels[index]))
 
-        return jax.lax.scan(scanned, state, (order, shift_keys))
+        # Fully unrolled for short chunks: XLA's CPU backend runs convolutions inside a
+        # loop many times slower than the same convolutions outside one.
+        return jax.lax.scan(scanned, state, (order, shift_keys), unroll=num_steps <= 2)
 
     return train_epoch
 
@@ -279,22 +287,33 @@ def tta_logits(model: SpeedNet, variables: dict, images: jax.Array, tta: bool) -
 
 
 def make_evaluate(config: SpeedrunConfig, model: SpeedNet) -> Callable[..., jax.Array]:
-    """``correct(state, images, labels)``: number right over a whole uint8 test set."""
+    """``correct(state, images, labels, start, num_batches)``: number right in batches
+    ``start, ..., start + num_batches - 1`` (of ``eval_batch_size``) of a uint8 test set."""
 
-    def correct(state, images, labels):
+    def correct(state, images, labels, start, num_batches):
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        batches = images.reshape(-1, config.eval_batch_size, *images.shape[1:])
-        label_batches = labels.reshape(-1, config.eval_batch_size)
+        size = config.eval_batch_size
+        images = jax.lax.dynamic_slice_in_dim(images, start * size, num_batches * size)
+        labels = jax.lax.dynamic_slice_in_dim(labels, start * size, num_batches * size)
+        batches = images.reshape(num_batches, size, *images.shape[1:])
+        label_batches = labels.reshape(num_batches, size)
 
         def body(total, batch):
             x, y = batch
             logits = tta_logits(model, variables, normalize(x), config.tta)
             return total + jnp.sum(jnp.argmax(logits, -1) == y), None
 
-        total, _ = jax.lax.scan(body, jnp.zeros([], jnp.int32), (batches, label_batches))
+        total, _ = jax.lax.scan(
+            body, jnp.zeros([], jnp.int32), (batches, label_batches), unroll=num_batches <= 2
+        )
         return total
 
     return correct
+
+
+def _chunks(total: int, size: int) -> list[tuple[int, int]]:
+    """``(start, length)`` pieces of at most ``size`` covering ``range(total)``."""
+    return [(start, min(size, total - start)) for start in range(0, total, size)]
 
 
 def _schedule(config: SpeedrunConfig, num_train: int) -> tuple[int, list[int]]:
@@ -319,9 +338,15 @@ def speedrun(
     test_labels: np.ndarray,
     *,
     runs: int = 1,
+    steps_per_call: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Trains ``runs`` times (seeds ``config.seed``, ``+1``, ...) and times each run.
+
+    ``steps_per_call``: training steps (and evaluation batches) per dispatched program.
+    ``None`` means a whole epoch (the whole test set) per call on accelerators and one
+    step per call on CPUs, where XLA runs convolutions inside a loop many times slower
+    (measured: 25x for this network). The numbers do not depend on it.
 
     Compilation happens once, ahead of time, and is reported apart. Each run's time
     covers everything after compilation that a speed run has to do: computing the
@@ -334,6 +359,10 @@ def speedrun(
     """
     if runs <= 0:
         raise ValueError(f"runs must be positive, got {runs!r}")
+    if steps_per_call is not None and steps_per_call <= 0:
+        raise ValueError(f"steps_per_call must be positive, got {steps_per_call!r}")
+    if steps_per_call is None:
+        steps_per_call = 1 if jax.default_backend() == "cpu" else 1 << 30
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
     model = SpeedNet(widths=config.widths, num_classes=int(train_labels.max()) + 1, dtype=dtype)
     per_epoch, epoch_steps = _schedule(config, len(train_images))
@@ -354,8 +383,10 @@ def speedrun(
     whiten_fn = jax.jit(lambda x: patch_covariance(normalize(x[:5000])))
     init_fn = jax.jit(lambda whiten, key: init_state(config, model, tx, whiten, key))
     epoch_fn = jax.jit(make_train_epoch(config, model, tx, total_steps),
-                       static_argnums=6, donate_argnums=0)  # fmt: skip
-    evaluate_fn = jax.jit(make_evaluate(config, model))
+                       static_argnums=7, donate_argnums=0)  # fmt: skip
+    evaluate_fn = jax.jit(make_evaluate(config, model), static_argnums=4)
+    train_chunks = {steps: _chunks(steps, steps_per_call) for steps in set(epoch_steps)}
+    eval_chunks = _chunks(len(test_labels) // eval_size, steps_per_call)
 
     compile_start = time.perf_counter()
     key = jax.random.key(0)
@@ -363,13 +394,17 @@ def speedrun(
     init_compiled = init_fn.lower(whiten, key).compile()
     state_shape = jax.eval_shape(init_fn, whiten, key)
     base = jnp.zeros(len(train_images), bool)
-    compiled_epochs = {
-        steps: epoch_fn.lower(state_shape, images, labels, base, 0, key, steps).compile()
-        for steps in sorted(set(epoch_steps))
+    sizes = sorted({size for chunks in train_chunks.values() for _, size in chunks})
+    compiled_steps = {
+        size: epoch_fn.lower(state_shape, images, labels, base, 0, key, 0, size).compile()
+        for size in sizes
     }
-    evaluate_compiled = evaluate_fn.lower(state_shape, test_x, test_y).compile()
+    compiled_eval = {
+        size: evaluate_fn.lower(state_shape, test_x, test_y, 0, size).compile()
+        for size in sorted({size for _, size in eval_chunks})
+    }
     compile_seconds = time.perf_counter() - compile_start
-    log(f"compiled in {compile_seconds:.1f} s ({len(compiled_epochs)} epoch program(s))")
+    log(f"compiled in {compile_seconds:.1f} s (training programs of {sizes} steps)")
 
     results = []
     for run in range(runs):
@@ -382,14 +417,19 @@ def speedrun(
         base = jax.random.bernoulli(flip_key, 0.5, (len(train_images),))
         losses = []
         for epoch, steps in enumerate(epoch_steps):
-            state, metrics = compiled_epochs[steps](
-                state, images, labels, base, epoch, jax.random.fold_in(data_key, epoch)
-            )
-            losses.append(metrics["loss"])
-        correct = int(evaluate_compiled(state, test_x, test_y))
+            epoch_key = jax.random.fold_in(data_key, epoch)
+            losses = []
+            for first, size in train_chunks[steps]:
+                state, metrics = compiled_steps[size](
+                    state, images, labels, base, epoch, epoch_key, first
+                )
+                losses.append(metrics["loss"])
+        correct = sum(
+            int(compiled_eval[size](state, test_x, test_y, first)) for first, size in eval_chunks
+        )
         seconds = time.perf_counter() - start
         accuracy = correct / num_test
-        train_loss = float(jnp.mean(losses[-1]))
+        train_loss = float(jnp.mean(jnp.concatenate(losses)))
         steps = int(state["step"])
         results.append(
             {"seed": seed, "accuracy": accuracy, "seconds": seconds, "steps": steps,
