@@ -140,14 +140,15 @@ def test_cross_entropy_matches_torch():
         np.testing.assert_allclose(ours, theirs.item(), rtol=1e-6)
 
 
-def test_multi_step_scan_equals_single_steps():
+@pytest.mark.parametrize("unroll", [1, True])
+def test_multi_step_scan_equals_single_steps(unroll):
     batches = [_batch(8, seed=i) for i in range(3)]
     stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
     single = training.make_train_step(augment_fn=data.augment)
     state_a = _state(training.ConvNet())
     for batch in batches:
         state_a, metrics_a = single(state_a, batch)
-    multi = training.make_multi_step(3, augment_fn=data.augment)
+    multi = training.make_multi_step(3, augment_fn=data.augment, unroll=unroll)
     state_b, metrics_b = multi(_state(training.ConvNet()), stacked)
     chex.assert_trees_all_close(state_a.params, state_b.params, rtol=1e-5, atol=1e-6)
     assert metrics_b["loss"].shape == (3,)

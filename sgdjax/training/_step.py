@@ -224,7 +224,7 @@ def make_train_step(
 
 
 def make_multi_step(
-    steps_per_call: int, *, donate: bool = True, **step_options: Any
+    steps_per_call: int, *, donate: bool = True, unroll: int | bool = 1, **step_options: Any
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """``k`` training steps per dispatch: one jitted ``lax.scan`` over stacked batches.
 
@@ -236,6 +236,11 @@ def make_multi_step(
     Args:
       steps_per_call: ``k >= 1``.
       donate: donate the input state.
+      unroll: passed to ``lax.scan``. On XLA's CPU backend, convolutions inside a loop
+        run many times slower than outside one (measured for the ConvNet: 4 steps take
+        0.30 s one call at a time and 6.6 s in one scan), so on CPUs pass
+        ``unroll=True`` (compile time then grows with ``k``) or use single steps; on
+        GPUs and TPUs the rolled loop is the fast path.
       **step_options: as for :func:`make_train_step`.
 
     Returns:
@@ -252,7 +257,7 @@ def make_multi_step(
             raise ValueError(
                 f"batches must stack {steps_per_call} batches on axis 0, got {sorted(leading)}"
             )
-        return jax.lax.scan(step, state, batches)
+        return jax.lax.scan(step, state, batches, unroll=unroll)
 
     return jax.jit(multi_step, donate_argnums=(0,) if donate else ())
 
