@@ -17,7 +17,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("train_throughput.py", ["--contenders", "sgdjax", "flax+optax", "torch eager"]),
         (
             "train_throughput.py",
-            ["--host-devices", "2", "--contenders", "sgdjax", "sgdjax sharded"],
+            ["--host-devices", "2", "--contenders", "sgdjax", "sgdjax sharded",
+             "sgdjax 8 steps/call"],  # fmt: skip
         ),
         ("scaling.py", []),
     ],
@@ -35,4 +36,4 @@ def test_benchmark_quick_run(tmp_path, script, extra):
     if "--host-devices" in extra:
         assert payload["jax_devices"] == 2
         ran = {run["contender"] for run in payload["runs"] if "failed" not in run}
-        assert ran == {"sgdjax", "sgdjax sharded"}
+        assert ran == {"sgdjax", "sgdjax sharded", "sgdjax 8 steps/call"}
