@@ -262,9 +262,11 @@ def make_train_epoch(
             batch = normalize(translate(shift, batch, config.translate))
             return step(state, (batch, labels[index]))
 
-        # Fully unrolled for short chunks: XLA's CPU backend runs convolutions inside a
-        # loop many times slower than the same convolutions outside one.
-        return jax.lax.scan(scanned, state, (order, shift_keys), unroll=num_steps <= 2)
+        if num_steps == 1:  # no loop at all: XLA's CPU backend runs convolutions inside
+            # a loop many times slower than the same convolutions outside one
+            state, metrics = scanned(state, (order[0], shift_keys[0]))
+            return state, jax.tree.map(lambda x: x[None], metrics)
+        return jax.lax.scan(scanned, state, (order, shift_keys))
 
     return train_epoch
 
@@ -303,9 +305,9 @@ def make_evaluate(config: SpeedrunConfig, model: SpeedNet) -> Callable[..., jax.
             logits = tta_logits(model, variables, normalize(x), config.tta)
             return total + jnp.sum(jnp.argmax(logits, -1) == y), None
 
-        total, _ = jax.lax.scan(
-            body, jnp.zeros([], jnp.int32), (batches, label_batches), unroll=num_batches <= 2
-        )
+        if num_batches == 1:  # no loop (see make_train_epoch)
+            return body(jnp.zeros([], jnp.int32), (batches[0], label_batches[0]))[0]
+        total, _ = jax.lax.scan(body, jnp.zeros([], jnp.int32), (batches, label_batches))
         return total
 
     return correct
