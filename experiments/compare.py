@@ -30,7 +30,7 @@ OPTIMIZERS = {
     "nesterov": dict(optimizer="sgd", momentum=0.9, nesterov=True, learning_rate=0.02),
     "sgdw": dict(optimizer="sgdw", momentum=0.9, nesterov=True, learning_rate=0.02,
                  weight_decay=0.05),
-    "lars": dict(optimizer="lars", momentum=0.9, nesterov=False, learning_rate=1.0),
+    "lars": dict(optimizer="lars", momentum=0.9, nesterov=False, learning_rate=0.3),
     "schedule_free": dict(optimizer="schedule_free", momentum=0.9, learning_rate=0.05),
     "lookahead": dict(optimizer="lookahead", momentum=0.9, nesterov=True, learning_rate=0.02),
     "sam": dict(optimizer="sgd", momentum=0.9, nesterov=True, learning_rate=0.02,
