@@ -23,17 +23,36 @@ def is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def _concrete_float(name: str, value: Any) -> float | None:
-    """Returns ``value`` as a Python float, or None if it is traced and cannot be checked."""
-    if is_traced(value):
-        return None
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """Returns concrete ``value`` as a float, or raises a ``ValueError`` naming ``name``.
+
+    The value must be a finite real scalar in the range from ``low`` to ``high``
+    (each end included unless its flag says otherwise).
+    """
     try:
         array = np.asarray(value)
     except Exception as error:  # noqa: BLE001 - any conversion failure is a bad argument
         raise ValueError(f"{name} must be a real number, got {value!r}") from error
     if array.shape != () or not np.issubdtype(array.dtype, np.number):
         raise ValueError(f"{name} must be a real scalar, got {value!r}")
-    return float(array)
+    number = float(array)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    above = number >= low if low_inclusive else number > low
+    below = number <= high if high_inclusive else number < high
+    if not (above and below):
+        left = "[" if low_inclusive else "("
+        right = "]" if high_inclusive else ")"
+        raise ValueError(f"{name} must lie in {left}{low}, {high}{right}, got {value!r}")
+    return number
 
 
 def check_in_range(
@@ -50,17 +69,12 @@ def check_in_range(
     Traced values (hyperparameters injected at run time) are not checked: there is no
     number to check while tracing, and Python control flow on them would fail.
     """
-    number = _concrete_float(name, value)
-    if number is None:
+    if is_traced(value):
         return
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    above = number >= low if low_inclusive else number > low
-    below = number <= high if high_inclusive else number < high
-    if not (above and below):
-        left = "[" if low_inclusive else "("
-        right = "]" if high_inclusive else ")"
-        raise ValueError(f"{name} must lie in {left}{low}, {high}{right}, got {value!r}")
+    check_real(
+        name, value, low=low, high=high, low_inclusive=low_inclusive,
+        high_inclusive=high_inclusive,
+    )  # fmt: skip
 
 
 def check_scalar_or_schedule(name: str, value: Any) -> None:

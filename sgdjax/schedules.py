@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from sgdjax._base import check_real as _check_real
+
 Schedule = Callable[[ArrayLike], jax.Array]
 
 __all__ = [
@@ -67,34 +69,6 @@ _INT32_MAX = int(np.iinfo(np.int32).max)
 # --------------------------------------------------------------------------------------
 # Argument checks (construction time only, on concrete Python or NumPy values).
 # --------------------------------------------------------------------------------------
-
-
-def _check_real(
-    name: str,
-    value: float,
-    *,
-    low: float = -math.inf,
-    high: float = math.inf,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-) -> float:
-    """Returns ``value`` as a float, or raises a ``ValueError`` naming ``name`` and ``value``."""
-    try:
-        array = np.asarray(value)
-    except Exception as error:  # noqa: BLE001 - any conversion failure is a bad argument
-        raise ValueError(f"{name} must be a real number, got {value!r}") from error
-    if array.shape != () or not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    number = float(array)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    above = number >= low if low_inclusive else number > low
-    below = number <= high if high_inclusive else number < high
-    if not (above and below):
-        left = "[" if low_inclusive else "("
-        right = "]" if high_inclusive else ")"
-        raise ValueError(f"{name} must lie in {left}{low}, {high}{right}, got {value!r}")
-    return number
 
 
 def _check_int(name: str, value: int, *, minimum: int = 1) -> int:
