@@ -56,10 +56,21 @@ def summarize(seconds: list[float]) -> dict[str, float]:
     }
 
 
+def round_orders(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
+    """A shuffled order of ``names`` for each round.
+
+    A fixed order lets one contender always follow the same other one, which skews
+    it: PyTorch's OpenMP threads, for one, keep spinning for a while after each call
+    and slow whatever runs next. Shuffling spreads such effects over all contenders.
+    """
+    rng = np.random.default_rng(seed)
+    return [[names[i] for i in rng.permutation(len(names))] for _ in range(rounds)]
+
+
 def interleaved_timings(
     runners: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 3
 ) -> dict[str, list[float]]:
-    """Times each runner ``repeats`` times, round-robin, so machine noise hits all alike.
+    """Times each runner ``repeats`` times in rounds of shuffled order (see ``round_orders``).
 
     Each runner must block until its work is done.
     """
@@ -67,10 +78,10 @@ def interleaved_timings(
         for _ in range(warmup):
             run()
     timings: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
+    for order in round_orders(list(runners), repeats):
+        for name in order:
             start = time.perf_counter()
-            run()
+            runners[name]()
             timings[name].append(time.perf_counter() - start)
     return timings
 

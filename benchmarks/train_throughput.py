@@ -6,8 +6,8 @@
 
 All contenders train the same architecture (SGD, momentum 0.9, weight decay 5e-4,
 cross-entropy) on the same random uint8 images, in one run; steps are interleaved in
-rounds so machine noise hits all alike. Reported: median images/s and the
-interquartile range over the timed steps, after warm-up (compile time apart).
+rounds of shuffled order so machine noise hits all alike. Reported: median images/s
+and the interquartile range over the timed steps, after warm-up (compile time apart).
 "sgdjax 8 steps/call" runs ``make_multi_step(8, unroll=True)`` on the batch repeated
 8 times and reports the time per step.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, summarize, write_json  # noqa: E402
+from _common import environment, print_table, round_orders, summarize, write_json  # noqa: E402
 
 # ---------------------------------------------------------------- JAX contenders
 
@@ -320,11 +320,11 @@ def main(argv=None):
                 except Exception as error:  # noqa: BLE001 - report any contender that cannot run
                     failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             timings = {name: [] for name in runners}
-            for index in range(args.steps):
-                for name, run in runners.items():
-                    batch = batches[index % len(batches)]
+            for index, order in enumerate(round_orders(list(runners), args.steps)):
+                batch = batches[index % len(batches)]
+                for name in order:
                     start = time.perf_counter()
-                    steps = run(batch) or 1  # a contender may run several steps per call
+                    steps = runners[name](batch) or 1  # a contender may run several per call
                     timings[name].append((time.perf_counter() - start) / steps)
             rows = []
             torch_median = np.median(timings["torch eager"]) if "torch eager" in timings else None

@@ -5,9 +5,10 @@
 The chain in every library: clip by global norm (1.0), coupled weight decay (5e-4),
 Nesterov momentum (0.9), learning rate (0.1). Trees: (a) ResNet-18 (CIFAR variant,
 about 11.2M parameters in 62 leaves), (b) 500 small leaves. JAX updates are jitted
-with params and optimizer state donated; timings are interleaved round-robin and
-reported as median and interquartile range. Peak memory: each configuration also
-runs in its own subprocess and reports the peak resident memory it adds (Linux).
+with params and optimizer state donated; timings are interleaved in rounds of
+shuffled order and reported as median and interquartile range. Peak memory: each
+configuration also runs in its own subprocess and reports the peak resident memory
+it adds (Linux).
 """
 
 from __future__ import annotations

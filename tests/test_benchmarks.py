@@ -37,3 +37,20 @@ def test_benchmark_quick_run(tmp_path, script, extra):
         assert payload["jax_devices"] == 2
         ran = {run["contender"] for run in payload["runs"] if "failed" not in run}
         assert ran == {"sgdjax", "sgdjax sharded", "sgdjax 8 steps/call"}
+
+
+def test_rounds_are_shuffled_so_no_contender_always_follows_the_same_one():
+    sys.path.insert(0, str(BENCHMARKS))
+    from _common import round_orders
+
+    names = ["sgdjax", "optax", "torch-foreach", "torch-fused"]
+    orders = round_orders(names, 40)
+    assert all(sorted(order) == sorted(names) for order in orders)
+    assert len({tuple(order) for order in orders}) > 5
+    # Each contender comes right after torch-fused in some round (or opens a round).
+    followers = set()
+    for previous, order in zip([[None]] + orders, orders):
+        sequence = [previous[-1], *order]
+        followers |= {b for a, b in zip(sequence, sequence[1:]) if a == "torch-fused"}
+    assert followers - {"torch-fused"} == {"sgdjax", "optax", "torch-foreach"}
+    assert round_orders(names, 3) == round_orders(names, 3)  # the same seed, the same orders
