@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs", type=int,
         help="speedrun: train this many times (seeds --seed, --seed + 1, ...) after one compile",
     )  # fmt: skip
+    parser.add_argument(
+        "--widths", type=int, nargs=3, metavar="W",
+        help="speedrun: channels of the three conv blocks (default 64 256 256)",
+    )  # fmt: skip
     return parser
 
 
@@ -225,7 +229,7 @@ SPEEDRUN_FLAGS = {
     "epochs": "epochs", "batch_size": "batch_size", "learning_rate": "learning_rate",
     "momentum": "momentum", "weight_decay": "weight_decay",
     "label_smoothing": "label_smoothing", "bf16": "bf16", "seed": "seed",
-    "max_steps": "max_steps", "flip_tta": "tta",
+    "max_steps": "max_steps", "flip_tta": "tta", "widths": "widths",
 }  # fmt: skip
 SPEEDRUN_EXTRA = {"preset", "data_dir", "out", "no_progress", "runs", "train_subset",
                   "test_subset", "coordinator", "num_processes", "process_id"}  # fmt: skip
@@ -249,7 +253,9 @@ def run_speedrun(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
         if value is not None and value <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
     given = {
-        SPEEDRUN_FLAGS[k]: v for k, v in vars(args).items() if k in SPEEDRUN_FLAGS and v is not None
+        SPEEDRUN_FLAGS[k]: tuple(v) if isinstance(v, list) else v
+        for k, v in vars(args).items()
+        if k in SPEEDRUN_FLAGS and v is not None
     }
     try:
         config = SpeedrunConfig(**given)
@@ -308,8 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(error))
     if args.preset == "speedrun":
         return run_speedrun(args, parser)
-    if args.runs is not None:
-        parser.error("--runs applies to --preset speedrun only")
+    for flag in ("runs", "widths"):
+        if getattr(args, flag) is not None:
+            parser.error(f"--{flag} applies to --preset speedrun only")
     if args.epochs is not None:
         if not float(args.epochs).is_integer():
             parser.error(f"--epochs must be a whole number here, got {args.epochs}")

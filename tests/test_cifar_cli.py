@@ -317,13 +317,14 @@ def test_speedrun_preset_runs_end_to_end_with_a_step_limit(tiny_data, tmp_path, 
     result = cifar.main([
         "--preset", "speedrun", "--data-dir", str(tiny_data), "--out", str(out),
         "--batch-size", "16", "--epochs", "1.5", "--max-steps", "2", "--runs", "2",
-        "--no-progress",
+        "--widths", "8", "16", "16", "--no-progress",
     ])  # fmt: skip
     saved = json.loads((out / "summary.json").read_text())
     assert [run["seed"] for run in saved["runs"]] == [0, 1]
     assert saved["steps_per_run"] == 4  # two epochs of at most 2 steps (the second partial)
     assert 0.0 <= saved["accuracy_mean"] <= 1.0 and saved["compile_seconds"] > 0
     assert saved["config"]["epochs"] == 1.5 and saved["environment"]["versions"]["jax"]
+    assert saved["config"]["widths"] == [8, 16, 16]
     assert result["accuracy_mean"] == saved["accuracy_mean"]
     assert "without compile" in capsys.readouterr().out
 
@@ -335,6 +336,7 @@ def test_speedrun_preset_runs_end_to_end_with_a_step_limit(tiny_data, tmp_path, 
         (["--resume"], "--resume does not apply"),
         (["--runs", "0"], "--runs must be positive"),
         (["--momentum", "1.5"], "momentum out of range"),
+        (["--widths", "8", "0", "16"], "widths out of range"),
     ],
 )
 def test_speedrun_preset_rejects_flags_that_do_not_apply(
@@ -355,6 +357,9 @@ def test_fractional_epochs_only_for_the_speedrun(tiny_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cifar.main(_args(tiny_data, tmp_path / "o", "--runs", "2"))
     assert "--runs applies to --preset speedrun only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cifar.main(_args(tiny_data, tmp_path / "o", "--widths", "8", "16", "16"))
+    assert "--widths applies to --preset speedrun only" in capsys.readouterr().err
 
 
 def test_lr_find_suggests_a_rate_and_plots(tiny_data, tmp_path):

@@ -84,6 +84,7 @@ class SpeedrunConfig:
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "whiten_bias_epochs": self.whiten_bias_epochs >= 0,
             "translate": self.translate >= 0,
+            "widths": len(self.widths) == 3 and all(int(w) == w > 0 for w in self.widths),
             "lookahead_period": self.lookahead_period > 0,
             "seed": self.seed >= 0,
             "max_steps": self.max_steps is None or self.max_steps > 0,
