@@ -253,9 +253,7 @@ def run_speedrun(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
         if value is not None and value <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
     given = {
-        SPEEDRUN_FLAGS[k]: tuple(v) if isinstance(v, list) else v
-        for k, v in vars(args).items()
-        if k in SPEEDRUN_FLAGS and v is not None
+        SPEEDRUN_FLAGS[k]: v for k, v in vars(args).items() if k in SPEEDRUN_FLAGS and v is not None
     }
     try:
         config = SpeedrunConfig(**given)

@@ -55,26 +55,16 @@ def check_real(
     return number
 
 
-def check_in_range(
-    name: str,
-    value: Any,
-    *,
-    low: float = -math.inf,
-    high: float = math.inf,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-) -> None:
+def check_in_range(name: str, value: Any, **bounds: Any) -> None:
     """Raises a ``ValueError`` naming ``name`` unless ``value`` is a finite number in range.
 
-    Traced values (hyperparameters injected at run time) are not checked: there is no
-    number to check while tracing, and Python control flow on them would fail.
+    ``bounds`` are :func:`check_real`'s (``low``, ``high``, ``low_inclusive``,
+    ``high_inclusive``). Traced values (hyperparameters injected at run time) are not
+    checked: there is no number to check while tracing, and Python control flow on them
+    would fail.
     """
-    if is_traced(value):
-        return
-    check_real(
-        name, value, low=low, high=high, low_inclusive=low_inclusive,
-        high_inclusive=high_inclusive,
-    )  # fmt: skip
+    if not is_traced(value):
+        check_real(name, value, **bounds)
 
 
 def check_scalar_or_schedule(name: str, value: Any) -> None:

@@ -245,6 +245,10 @@ def test_speedrun_learns_separable_data_and_reports_times():
     assert len(lines) == 3 and "compiled" in lines[0]
 
 
+def test_widths_from_a_list_become_a_tuple():
+    assert SpeedrunConfig(widths=[8, 16, 16]).widths == (8, 16, 16)
+
+
 def test_speedrun_rejects_bad_settings():
     with pytest.raises(ValueError, match="momentum"):
         SpeedrunConfig(momentum=1.0)

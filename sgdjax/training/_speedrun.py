@@ -74,6 +74,7 @@ class SpeedrunConfig:
     eval_batch_size: int = 2000
 
     def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(self.widths))  # lists from a CLI or JSON
         checks = {
             "epochs": self.epochs > 0,
             "batch_size": self.batch_size > 0,
