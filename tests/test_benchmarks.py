@@ -21,6 +21,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
              "sgdjax 8 steps/call"],  # fmt: skip
         ),
         ("scaling.py", []),
+        ("nesterov_temporary.py", []),
     ],
 )
 def test_benchmark_quick_run(tmp_path, script, extra):
