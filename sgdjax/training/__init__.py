@@ -31,6 +31,7 @@ from sgdjax.training._step import (
     make_multi_step,
     make_train_step,
 )
+from sgdjax.training._tensorboard import ScalarWriter
 
 __all__ = [
     "Checkpointer",
@@ -45,6 +46,7 @@ __all__ = [
     "ResNet18",
     "ResNet9",
     "SCHEDULES",
+    "ScalarWriter",
     "SpeedNet",
     "SpeedrunConfig",
     "TrainState",
