@@ -71,7 +71,7 @@ def sgd(
     Args:
       learning_rate: ``eta``: a number ``>= 0`` or a schedule ``count -> value``
         (see :mod:`sgdjax.schedules` for torch's schedulers).
-      momentum: ``mu`` in ``[0, 1)``.
+      momentum: ``mu`` in ``[0, 1)``, or a schedule of it (see :func:`sgdjax.momentum`).
       dampening: ``tau`` in ``[0, 1]``.
       nesterov: Nesterov momentum (needs ``mu > 0`` and ``tau = 0``).
       weight_decay: coupled L2 coefficient ``lambda >= 0``.
@@ -137,7 +137,7 @@ def sgdw(
 
     Args:
       learning_rate: ``eta``: a number ``>= 0`` or a schedule.
-      momentum: ``mu`` in ``[0, 1)``.
+      momentum: ``mu`` in ``[0, 1)``, or a schedule of it (see :func:`sgdjax.momentum`).
       dampening: ``tau`` in ``[0, 1]``.
       nesterov: Nesterov momentum (needs ``mu > 0`` and ``tau = 0``).
       weight_decay: decoupled coefficient ``lambda >= 0``; the shrink per step is

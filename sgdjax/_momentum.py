@@ -10,6 +10,7 @@ import optax
 from jax.typing import ArrayLike
 
 from sgdjax import _base
+from sgdjax.schedules import _value_range
 
 
 class MomentumState(NamedTuple):
@@ -24,8 +25,18 @@ class MomentumState(NamedTuple):
     momentum_buffer: Any
 
 
+def _check_momentum_schedule(schedule: _base.Schedule) -> None:
+    """Checks the values of a momentum schedule built by ``sgdjax.schedules``."""
+    bounds = _value_range(schedule)
+    if bounds is not None and not (bounds[0] >= 0.0 and bounds[1] < 1.0):
+        raise ValueError(
+            f"momentum must take values in [0, 1), got a schedule with values in "
+            f"[{bounds[0]}, {bounds[1]}]"
+        )
+
+
 def momentum(
-    momentum: ArrayLike,
+    momentum: ArrayLike | _base.Schedule,
     *,
     dampening: ArrayLike = 0.0,
     nesterov: bool = False,
@@ -42,10 +53,15 @@ def momentum(
 
     The first step copies the gradient into the buffer without dampening, as torch
     does, so with dampening the rule is not the plain recursion from ``b_0 = 0``.
-    Without dampening it gives the same numbers as ``optax.trace``.
+    Without dampening it gives the same numbers as ``optax.trace``. A scheduled
+    momentum ``mu(t)`` replaces ``mu`` at update ``t = 1, 2, ...`` by ``mu(t - 1)``:
+    the value torch's scheduler set before that step.
 
     Args:
-      momentum: ``mu`` in ``[0, 1)``.
+      momentum: ``mu`` in ``[0, 1)``, or a schedule ``count -> mu`` (e.g.
+        :func:`sgdjax.schedules.one_cycle_momentum`), evaluated at the number of
+        updates taken before this one; a schedule from :mod:`sgdjax.schedules` has its
+        range of values checked here.
       dampening: ``tau`` in ``[0, 1]``; torch's ``dampening``.
       nesterov: use the Nesterov form; needs ``mu > 0`` and ``tau = 0`` (as torch).
       accumulator_dtype: dtype to store ``b`` in (e.g. ``jnp.bfloat16`` to halve its
@@ -68,7 +84,10 @@ def momentum(
       Polyak (1964); Sutskever et al. (2013) for the Nesterov form used by
       ``torch.optim.SGD`` (``momentum``, ``dampening``, ``nesterov``).
     """
-    _base.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+    if callable(momentum):
+        _check_momentum_schedule(momentum)
+    else:
+        _base.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
     _base.check_in_range("dampening", dampening, low=0.0, high=1.0)
     if nesterov:
         if _base.is_static_zero(momentum):
@@ -94,6 +113,7 @@ def momentum(
             got_name="updates",
         )
         first = state.count == 0
+        mu = _base.evaluate(momentum, state.count) if callable(momentum) else momentum
         # Without dampening, b_0 = 0 already gives b_1 = g_1: no select is needed, and
         # the per-leaf kernel stays a plain multiply-add.
         undamped = _base.is_static_zero(dampening)
@@ -102,10 +122,10 @@ def momentum(
             dtype = jnp.promote_types(g.dtype, b.dtype)
             g_wide, b_wide = g.astype(dtype), b.astype(dtype)
             if undamped:
-                new_b = momentum * b_wide + g_wide
+                new_b = mu * b_wide + g_wide
             else:
-                new_b = jnp.where(first, g_wide, momentum * b_wide + (1.0 - dampening) * g_wide)
-            out = g_wide + momentum * new_b if nesterov else new_b
+                new_b = jnp.where(first, g_wide, mu * b_wide + (1.0 - dampening) * g_wide)
+            out = g_wide + mu * new_b if nesterov else new_b
             return out.astype(g.dtype), new_b.astype(b.dtype)
 
         new_updates, new_buffers = _base.tree_map_split(
