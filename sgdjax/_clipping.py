@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -10,28 +13,36 @@ from jax.typing import ArrayLike
 from sgdjax import _base
 
 
-def _stateless(update_leaves) -> optax.GradientTransformation:
+def _stateless(update_leaves) -> optax.GradientTransformationExtraArgs:
     """A stateless transform from ``update_leaves(updates, params) -> updates``."""
 
     def init_fn(params):
         del params
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
         return update_leaves(updates, params), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _sum_squares(x: jax.Array, **kwargs) -> jax.Array:
-    """Sum of squares accumulated in float32 (or wider), whatever the leaf's dtype."""
-    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+def _wide(x: jax.Array) -> jax.Array:
+    """``x`` in float32 (or wider, or complex): norms are accumulated in that precision."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def sum_of_squares(x: jax.Array, **kwargs) -> jax.Array:
+    """Sum of ``|x|^2`` accumulated in float32 (or wider); real for complex ``x`` too."""
+    wide = _wide(x)
+    if jnp.issubdtype(wide.dtype, jnp.complexfloating):
+        return jnp.sum(jnp.real(wide) ** 2 + jnp.imag(wide) ** 2, **kwargs)
     return jnp.sum(jnp.square(wide), **kwargs)
 
 
-def _norm(x: jax.Array, **kwargs) -> jax.Array:
-    """Euclidean norm accumulated in float32 (or wider), whatever the leaf's dtype."""
-    return jnp.sqrt(_sum_squares(x, **kwargs))
+def euclidean_norm(x: jax.Array, **kwargs) -> jax.Array:
+    """Euclidean norm ``sqrt(sum |x|^2)`` accumulated in float32 (or wider), real-valued."""
+    return jnp.sqrt(sum_of_squares(x, **kwargs))
 
 
 def global_norm(tree) -> jax.Array:
@@ -39,13 +50,13 @@ def global_norm(tree) -> jax.Array:
 
     Update rule::
 
-        ||g|| = sqrt(sum_i sum_j g_ij^2)
+        ||g|| = sqrt(sum_i sum_j |g_ij|^2)
 
     Args:
       tree: a pytree of arrays.
 
     Returns:
-      A scalar array.
+      A real scalar array (also for complex leaves).
 
     Example:
       >>> import jax.numpy as jnp, sgdjax
@@ -58,7 +69,37 @@ def global_norm(tree) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros([], jnp.float32)
-    return jnp.sqrt(sum(_sum_squares(leaf) for leaf in leaves))
+    return jnp.sqrt(sum(sum_of_squares(leaf) for leaf in leaves))
+
+
+def _global_p_norm(leaves: list[jax.Array], norm_type: float) -> jax.Array:
+    """``(sum |g|^p)^(1/p)`` over all leaves (``max |g|`` for p = inf), float32 or wider.
+
+    For p other than 1 and 2 the values are divided by their largest magnitude first,
+    so ``|g|^p`` neither overflows nor underflows float32.
+    """
+    magnitudes = [jnp.abs(_wide(leaf)) for leaf in leaves]
+    largest = jnp.max(jnp.stack([jnp.max(m, initial=0.0) for m in magnitudes]))
+    if norm_type == math.inf:
+        return largest
+    if norm_type == 1.0:
+        return sum(jnp.sum(m) for m in magnitudes)
+    divisor = jnp.where(largest > 0, largest, 1.0)
+    total = sum(jnp.sum((m / divisor) ** norm_type) for m in magnitudes)
+    return largest * total ** (1.0 / norm_type)
+
+
+def _check_norm_type(norm_type: Any) -> float:
+    """``norm_type`` as a float p > 0 (or inf), or a ``ValueError`` naming it."""
+    if _base.is_traced(norm_type):
+        raise ValueError(
+            f"norm_type must be a concrete number (it chooses the computation), got {norm_type!r}"
+        )
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)):
+        raise ValueError(f"norm_type must be a number p > 0 or inf, got {norm_type!r}")
+    if norm_type == math.inf:
+        return math.inf
+    return _base.check_real("norm_type", norm_type, low=0.0, low_inclusive=False)
 
 
 def _rescale(g: jax.Array, norm: jax.Array, max_norm: ArrayLike) -> jax.Array:
@@ -79,6 +120,9 @@ def clip(max_delta: ArrayLike) -> optax.GradientTransformation:
 
         u = min(max(g, -c), c)
 
+    Complex numbers have no order: complex updates raise a ``ValueError`` (clip them
+    by norm instead).
+
     Args:
       max_delta: ``c > 0``.
 
@@ -95,11 +139,16 @@ def clip(max_delta: ArrayLike) -> optax.GradientTransformation:
       ``optax.clip``; ``torch.nn.utils.clip_grad_value_``.
     """
     _base.check_in_range("max_delta", max_delta, low=0.0, low_inclusive=False)
-    return _stateless(
-        lambda updates, params: jax.tree.map(
-            lambda g: jnp.clip(g, -max_delta, max_delta).astype(g.dtype), updates
-        )
-    )
+
+    def clip_leaf(g):
+        if jnp.issubdtype(g.dtype, jnp.complexfloating):
+            raise ValueError(
+                f"clip needs real updates, got a {jnp.dtype(g.dtype).name} leaf (complex "
+                "numbers have no order): use clip_by_norm or clip_by_global_norm"
+            )
+        return jnp.clip(g, -max_delta, max_delta).astype(g.dtype)
+
+    return _stateless(lambda updates, params: jax.tree.map(clip_leaf, updates))
 
 
 def clip_by_norm(max_norm: ArrayLike) -> optax.GradientTransformation:
@@ -108,7 +157,7 @@ def clip_by_norm(max_norm: ArrayLike) -> optax.GradientTransformation:
     Update rule, for each leaf ``g``::
 
         u = g                       if ||g|| < c
-        u = g * c / ||g||           otherwise
+        u = g * c / ||g||           otherwise,   ||g|| = sqrt(sum_j |g_j|^2)
 
     Args:
       max_norm: ``c > 0``.
@@ -128,20 +177,28 @@ def clip_by_norm(max_norm: ArrayLike) -> optax.GradientTransformation:
     """
     _base.check_in_range("max_norm", max_norm, low=0.0, low_inclusive=False)
     return _stateless(
-        lambda updates, params: jax.tree.map(lambda g: _rescale(g, _norm(g), max_norm), updates)
+        lambda updates, params: jax.tree.map(
+            lambda g: _rescale(g, euclidean_norm(g), max_norm), updates
+        )
     )
 
 
-def clip_by_global_norm(max_norm: ArrayLike) -> optax.GradientTransformation:
+def clip_by_global_norm(
+    max_norm: ArrayLike, norm_type: float = 2.0
+) -> optax.GradientTransformation:
     """Rescales all updates together so that their global norm is at most ``max_norm``.
 
-    Update rule::
+    Update rule, with the p-norm over all leaves ``i`` and entries ``j``::
 
-        u = g                       if ||g|| < c
-        u = g * c / ||g||           otherwise,   ||g|| = global_norm(g)
+        u = g                       if ||g||_p < c
+        u = g * c / ||g||_p         otherwise,
+        ||g||_p = (sum_i sum_j |g_ij|^p)^(1/p),     ||g||_inf = max_ij |g_ij|
+
+    With ``p = 2`` (the default), ``||g||_2 = global_norm(g)``.
 
     Args:
       max_norm: ``c > 0``.
+      norm_type: ``p``: a number ``> 0`` or ``float("inf")``; torch's ``norm_type``.
 
     Returns:
       A stateless ``optax.GradientTransformation``.
@@ -154,14 +211,23 @@ def clip_by_global_norm(max_norm: ArrayLike) -> optax.GradientTransformation:
       [0.6, 0.8]
 
     References:
-      Pascanu et al. (2013). The same numbers as ``optax.clip_by_global_norm``;
-      ``torch.nn.utils.clip_grad_norm_`` divides by ``||g|| + 1e-6`` instead.
+      Pascanu et al. (2013). The same numbers as ``optax.clip_by_global_norm`` (which
+      has only ``p = 2``). ``torch.nn.utils.clip_grad_norm_(params, c, norm_type=p)``
+      takes the same norm but multiplies by ``min(1, c / (||g||_p + 1e-6))``: it
+      shrinks by a relative ``1e-6 / ||g||_p`` more, and already slightly below ``c``.
     """
     _base.check_in_range("max_norm", max_norm, low=0.0, low_inclusive=False)
+    norm_type = _check_norm_type(norm_type)
 
     def update_leaves(updates, params):
         del params
-        norm = global_norm(updates)
+        leaves = jax.tree.leaves(updates)
+        if not leaves:
+            return updates
+        if norm_type == 2.0:
+            norm = global_norm(updates)
+        else:
+            norm = _global_p_norm(leaves, norm_type)
         return jax.tree.map(lambda g: _rescale(g, norm, max_norm), updates)
 
     return _stateless(update_leaves)
@@ -175,9 +241,9 @@ def unitwise_norm(x: jax.Array) -> jax.Array:
     norm runs over all other axes.
     """
     if x.ndim <= 1:
-        norm = _norm(x)
+        norm = euclidean_norm(x)
         return jnp.broadcast_to(norm, x.shape)
-    norm = _norm(x, axis=tuple(range(x.ndim - 1)), keepdims=True)
+    norm = euclidean_norm(x, axis=tuple(range(x.ndim - 1)), keepdims=True)
     return jnp.broadcast_to(norm, x.shape)
 
 
@@ -224,7 +290,7 @@ def adaptive_grad_clip(clipping: ArrayLike, eps: ArrayLike = 1e-3) -> optax.Grad
             max_norm = clipping * jnp.maximum(unitwise_norm(p), eps)
             g_norm = unitwise_norm(g)
             ratio = max_norm / jnp.maximum(g_norm, 1e-6)  # float32 or wider
-            clipped = (g.astype(ratio.dtype) * ratio).astype(g.dtype)
+            clipped = (g.astype(jnp.promote_types(g.dtype, ratio.dtype)) * ratio).astype(g.dtype)
             return jnp.where(g_norm < max_norm, g, clipped).astype(g.dtype)
 
         return jax.tree.map(clip_leaf, updates, params)

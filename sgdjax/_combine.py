@@ -17,7 +17,7 @@ import optax
 from sgdjax import _base
 
 # Arguments of sgdjax factories that are never numeric hyperparameters.
-_ALWAYS_STATIC = frozenset({"mask", "accumulator_dtype"})
+_ALWAYS_STATIC = frozenset({"mask", "accumulator_dtype", "norm_type"})
 
 
 def _check_transforms(name: str, transforms: Iterable[Any]) -> None:
@@ -144,7 +144,7 @@ def multi_transform(
 def inject_hyperparams(
     factory: Callable[..., optax.GradientTransformation],
     *,
-    static_args: Iterable[str] = (),
+    static_args: str | Iterable[str] = (),
     hyperparam_dtype: Any = jnp.float32,
 ) -> Callable[..., optax.GradientTransformation]:
     """Makes a factory's numeric hyperparameters part of the state, changeable at run time.
@@ -157,8 +157,9 @@ def inject_hyperparams(
 
     Args:
       factory: a function returning a ``GradientTransformation``.
-      static_args: names of arguments that are not hyperparameters (``mask`` and
-        ``accumulator_dtype`` are always static; booleans are static anyway).
+      static_args: a name, or names, of arguments that are not hyperparameters
+        (``mask``, ``accumulator_dtype`` and ``norm_type`` are always static;
+        booleans are static anyway).
       hyperparam_dtype: the dtype hyperparameters are stored in; float32 by default
         so that a bfloat16 model does not round its learning rate to bfloat16.
 
@@ -176,6 +177,8 @@ def inject_hyperparams(
       ``optax.inject_hyperparams``, which stores hyperparameters in the params' dtype.
     """
     parameters = inspect.signature(factory).parameters
+    if isinstance(static_args, str):
+        static_args = (static_args,)
     static = set(static_args) | (_ALWAYS_STATIC & set(parameters))
     unknown = sorted(set(static_args) - set(parameters))
     if unknown:

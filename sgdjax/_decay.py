@@ -69,10 +69,11 @@ def add_decayed_weights(
         del params
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
         return _decay_leaves(updates, params, mask, weight_decay), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def decoupled_weight_decay(
@@ -116,10 +117,11 @@ def decoupled_weight_decay(
         del params
         return DecoupledWeightDecayState(count=_base.zero_count())
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
         eta = _base.evaluate(learning_rate, state.count)
         factor = -(jnp.asarray(eta, jnp.float32) * weight_decay)
         updates = _decay_leaves(updates, params, mask, factor)
         return updates, DecoupledWeightDecayState(count=_base.safe_increment(state.count))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -10,7 +10,7 @@ import optax
 from jax.typing import ArrayLike
 
 from sgdjax import _base
-from sgdjax._clipping import global_norm
+from sgdjax._clipping import euclidean_norm, global_norm
 
 
 class DiagnosticsState(NamedTuple):
@@ -34,7 +34,7 @@ class DiagnosticsState(NamedTuple):
 
 
 def _norm(x):
-    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
+    return euclidean_norm(x).astype(jnp.float32)
 
 
 def _paths(tree) -> list[str]:
@@ -103,6 +103,8 @@ def diagnostics(
     if clip_threshold is not None:
         _base.check_in_range("clip_threshold", clip_threshold, low=0.0, low_inclusive=False)
 
+    inner = optax.with_extra_args_support(inner)
+
     def init_fn(params):
         layers, totals = _values(params, params, params)
         zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros_like(x, jnp.float32), tree)  # noqa: E731
@@ -110,10 +112,10 @@ def diagnostics(
             inner.init(params), _base.zero_count(), _base.zero_count(), zeros(layers), zeros(totals)
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("diagnostics needs params: call update(updates, state, params)")
-        new_updates, inner_state = inner.update(updates, state.inner_state, params)
+        new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         layers, totals = _values(params, updates, new_updates)
         clipped = state.clipped_steps
         if clip_threshold is not None:
@@ -122,7 +124,7 @@ def diagnostics(
             inner_state, _base.safe_increment(state.count), clipped, layers, totals
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def diagnostics_metrics(state: DiagnosticsState) -> dict[str, jax.Array]:

@@ -77,13 +77,15 @@ def flatten(inner: optax.GradientTransformation) -> optax.GradientTransformation
       promoted dtype).
     """
 
+    inner = optax.with_extra_args_support(inner)
+
     def init_fn(params):
         return inner.init(_pack(params, _groups(params)))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         groups = _groups(updates)
         flat_params = None if params is None else _pack(params, groups)
-        flat_updates, state = inner.update(_pack(updates, groups), state, flat_params)
+        flat_updates, state = inner.update(_pack(updates, groups), state, flat_params, **extra_args)
         return _unpack(flat_updates, updates, groups), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

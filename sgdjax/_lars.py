@@ -8,6 +8,7 @@ import optax
 from jax.typing import ArrayLike
 
 from sgdjax import _base
+from sgdjax._clipping import euclidean_norm
 from sgdjax._combine import chain
 from sgdjax._decay import add_decayed_weights
 from sgdjax._momentum import momentum as momentum_transform
@@ -19,10 +20,6 @@ def exclude_bias_and_norm(params):
     return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
-def _norm(x):
-    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))))
-
-
 def scale_by_trust_ratio(
     trust_coefficient: ArrayLike = 0.001,
     eps: ArrayLike = 0.0,
@@ -31,7 +28,8 @@ def scale_by_trust_ratio(
 ) -> optax.GradientTransformation:
     """Scales each leaf's update by its trust ratio ``eta * ||theta|| / (||u|| + eps)``.
 
-    Update rule, per leaf (layer) with parameters ``theta`` and incoming update ``u``::
+    Update rule, per leaf (layer) with parameters ``theta`` and incoming update ``u``
+    (``||x|| = sqrt(sum |x_j|^2)``, real for complex leaves too)::
 
         r = eta * ||theta|| / (||u|| + eps)     (r = 1 if ||theta|| = 0 or ||u|| = 0)
         u' = r * u
@@ -64,7 +62,8 @@ def scale_by_trust_ratio(
         del params
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
         if params is None:
             raise ValueError(
                 "scale_by_trust_ratio needs params: call update(updates, state, params)"
@@ -75,14 +74,14 @@ def scale_by_trust_ratio(
         def leaf(u, p, keep):
             if not keep:
                 return u
-            param_norm, update_norm = _norm(p), _norm(u)
+            param_norm, update_norm = euclidean_norm(p), euclidean_norm(u)
             ratio = trust_coefficient * param_norm / (update_norm + eps)
             ratio = jnp.where((param_norm == 0) | (update_norm == 0), 1.0, ratio)
             return (u * ratio).astype(u.dtype)
 
         return jax.tree.map(leaf, updates, params, mask_tree), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def lars(

@@ -57,14 +57,16 @@ def lookahead(
         raise ValueError(f"sync_period must be a positive integer, got {sync_period!r}")
     _base.check_in_range("slow_step_size", slow_step_size, low=0.0, high=1.0, low_inclusive=False)
 
+    fast = optax.with_extra_args_support(fast)
+
     def init_fn(params):
         slow = jax.tree.map(lambda p: jnp.asarray(p).copy(), params)
         return LookaheadState(fast.init(params), slow, _base.zero_count())
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("lookahead needs params: call update(updates, state, params)")
-        fast_updates, fast_state = fast.update(updates, state.fast_state, params)
+        fast_updates, fast_state = fast.update(updates, state.fast_state, params, **extra_args)
         count = _base.safe_increment(state.count)
         sync = count % sync_period == 0
 
@@ -79,4 +81,4 @@ def lookahead(
         )
         return new_updates, LookaheadState(fast_state, new_slow, count)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -92,20 +92,30 @@ def momentum(
     if nesterov:
         if _base.is_static_zero(momentum):
             raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum!r}")
-        if not _base.is_traced(dampening) and float(jnp.asarray(dampening)) != 0.0:
+        # check_real reads the number with NumPy: jnp would trace it inside jit.
+        if not _base.is_traced(dampening) and _base.check_real("dampening", dampening) != 0.0:
             raise ValueError(f"nesterov=True needs dampening=0, got dampening={dampening!r}")
     if accumulator_dtype is not None:
         accumulator_dtype = jnp.dtype(accumulator_dtype)
 
     def buffer_dtype(leaf):
-        return leaf.dtype if accumulator_dtype is None else accumulator_dtype
+        if accumulator_dtype is None:
+            return leaf.dtype
+        if jnp.issubdtype(leaf.dtype, jnp.complexfloating) and not jnp.issubdtype(
+            accumulator_dtype, jnp.complexfloating
+        ):
+            raise ValueError(
+                f"accumulator_dtype={accumulator_dtype.name} would drop the imaginary part "
+                f"of a {jnp.dtype(leaf.dtype).name} parameter: use a complex dtype or None"
+            )
+        return accumulator_dtype
 
     def init_fn(params):
         buffers = jax.tree.map(lambda p: jnp.zeros(p.shape, buffer_dtype(p)), params)
         return MomentumState(count=_base.zero_count(), momentum_buffer=buffers)
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
         _base.check_trees_match(
             state.momentum_buffer,
             updates,
@@ -135,4 +145,4 @@ def momentum(
             count=_base.safe_increment(state.count), momentum_buffer=new_buffers
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

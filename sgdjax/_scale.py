@@ -50,11 +50,11 @@ def scale(step_size: ArrayLike) -> optax.GradientTransformation:
         del params
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
         return _scale_tree(updates, step_size), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_learning_rate(learning_rate: _base.ScalarOrSchedule) -> optax.GradientTransformation:
@@ -90,10 +90,10 @@ def scale_by_learning_rate(learning_rate: _base.ScalarOrSchedule) -> optax.Gradi
         del params
         return ScaleByLearningRateState(count=_base.zero_count())
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
         step_size = -_base.evaluate(learning_rate, state.count)
         updates = _scale_tree(updates, step_size)
         return updates, ScaleByLearningRateState(count=_base.safe_increment(state.count))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -89,7 +89,8 @@ def schedule_free_sgd(
             copy(params),
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
         if params is None:
             raise ValueError("schedule_free_sgd needs params: call update(updates, state, params)")
         _base.check_trees_match(params, updates, expected_name="params", got_name="updates")
@@ -111,7 +112,7 @@ def schedule_free_sgd(
             _base.safe_increment(state.count), weight_sum, max_eta, z, x
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def schedule_free_eval_params(state: Any) -> Any:

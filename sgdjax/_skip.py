@@ -1,4 +1,4 @@
-"""A wrapper that skips updates whose gradients contain NaN or infinity."""
+"""A wrapper that skips steps whose gradients or updates contain NaN or infinity."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ class SkipNonFiniteState(NamedTuple):
       inner_state: the wrapped transform's state, unchanged by skipped steps.
       skipped_steps: int32 total number of skipped steps.
       consecutive_skipped: int32 number of skipped steps since the last finite one.
-      last_finite: bool, whether the most recent gradient was finite.
+      last_finite: bool, whether the most recent step was applied (its gradient and
+        update both finite).
     """
 
     inner_state: Any
@@ -36,17 +37,21 @@ def all_finite(tree) -> jax.Array:
 
 
 def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """Skips a step when any gradient is NaN or infinite: zero update, inner state kept.
+    """Skips a step whose gradient or update is NaN or infinite: zero update, state kept.
 
     Update rule::
 
-        finite = all(isfinite(g))
-        u_t, s_t = inner.update(g_t, s_{t-1})      if finite
+        u_t', s_t' = inner.update(g_t, s_{t-1})
+        finite = all(isfinite(g_t)) and all(isfinite(u_t'))
+        u_t, s_t = u_t', s_t'                      if finite
         u_t, s_t = 0, s_{t-1}                      otherwise
 
-    The inner state (momentum buffers, step counts, schedules) is left exactly as it
-    was, so a skipped step leaves no trace in the trajectory. The state counts skipped
-    steps in total and in a row, for logging and for stopping a diverged run.
+    The update is checked as well as the gradient: finite gradients can still give a
+    non-finite update (a learning rate that overflows float32, a momentum buffer that
+    has grown too large), and such an update is never applied. The inner state
+    (momentum buffers, step counts, schedules) is left exactly as it was, so a skipped
+    step leaves no trace in the trajectory. The state counts skipped steps in total
+    and in a row, for logging and for stopping a diverged run.
 
     Args:
       inner: the transform to protect, e.g. ``sgdjax.sgd(...)``.
@@ -67,6 +72,8 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
       consecutive failures; this wrapper never applies a non-finite update.
     """
 
+    inner = optax.with_extra_args_support(inner)
+
     def init_fn(params):
         return SkipNonFiniteState(
             inner_state=inner.init(params),
@@ -75,9 +82,9 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
             last_finite=jnp.asarray(True),
         )
 
-    def update_fn(updates, state, params=None):
-        finite = all_finite(updates)
-        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+    def update_fn(updates, state, params=None, **extra_args):
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        finite = jnp.logical_and(all_finite(updates), all_finite(new_updates))
         new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
         new_inner = jax.tree.map(
             lambda new, old: jnp.where(finite, new, old), new_inner, state.inner_state
@@ -92,4 +99,4 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
             last_finite=finite,
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

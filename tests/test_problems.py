@@ -1,7 +1,7 @@
 """Each alias solves the shared problem set to the tolerance the problem states."""
 
 import pytest
-from helpers import logistic_regression, minimise, quadratic, rosenbrock
+from helpers import complex_quadratic, logistic_regression, minimise, quadratic, rosenbrock
 
 import sgdjax
 
@@ -41,6 +41,27 @@ CASES = {
             ("nesterov", sgdjax.sgd(0.5, momentum=0.9, nesterov=True), 300),
             ("weight_decay", sgdjax.sgd(0.5, momentum=0.9, weight_decay=1e-4), 300),
             ("sgdw", sgdjax.sgdw(0.5, momentum=0.9, weight_decay=1e-4), 300),
+        ],
+    ),
+    "complex_quadratic": (
+        complex_quadratic,
+        [
+            ("sgd", sgdjax.sgd(0.05), 600),
+            ("nesterov", sgdjax.sgd(0.02, momentum=0.9, nesterov=True), 600),
+            ("dampening", sgdjax.sgd(0.02, momentum=0.9, dampening=0.5), 800),
+            (
+                "clipped",
+                sgdjax.chain(sgdjax.clip_by_global_norm(10.0), sgdjax.sgd(0.02, momentum=0.9)),
+                600,
+            ),
+            (
+                "lars",
+                sgdjax.lars(
+                    sgdjax.schedules.cosine_annealing(0.5, t_max=600), trust_coefficient=0.1
+                ),
+                600,
+            ),
+            ("schedule_free", sgdjax.schedule_free_sgd(0.08), 1500),
         ],
     ),
 }

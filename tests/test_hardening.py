@@ -1,0 +1,311 @@
+"""Regression tests for defects found by running sgdjax the way its users run it.
+
+Each test reproduces one defect: building factories inside transformed functions,
+complex parameters, extra arguments, ``inject_hyperparams``'s ``static_args``, a
+non-finite update from finite gradients, reading the step count, and
+``clip_by_global_norm``'s ``norm_type`` (against ``torch.nn.utils.clip_grad_norm_``).
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from helpers import complex_quadratic, minimise, mixed_tree
+
+import sgdjax
+
+
+def _complex_tree(seed=0):
+    return mixed_tree(jnp.complex64, seed=seed)
+
+
+def _numpy(tree):
+    return jax.tree.map(lambda x: np.asarray(x, np.complex128), tree)
+
+
+# ---------------------------------------------------------------- factories inside jit
+
+
+def test_nesterov_momentum_builds_inside_jit():
+    params = {"w": jnp.ones(3)}
+    state = jax.jit(lambda p: sgdjax.momentum(0.9, nesterov=True).init(p))(params)
+    chex.assert_trees_all_equal(state.momentum_buffer, {"w": jnp.zeros(3)})
+
+    def step(p):
+        tx = sgdjax.sgd(0.1, momentum=0.9, nesterov=True)
+        return tx.update(p, tx.init(p), p)[0]
+
+    # u = -0.1 * (g + 0.9 * g) = -0.19 for g = 1
+    chex.assert_trees_all_close(jax.jit(step)(params), {"w": jnp.full(3, -0.19)})
+
+
+def test_nesterov_still_rejects_dampening_and_zero_momentum_inside_jit():
+    with pytest.raises(ValueError, match="dampening=0"):
+        jax.jit(lambda p: sgdjax.momentum(0.9, dampening=0.5, nesterov=True).init(p))(jnp.ones(2))
+    with pytest.raises(ValueError, match="momentum > 0"):
+        jax.jit(lambda p: sgdjax.sgd(0.1, nesterov=True).init(p))(jnp.ones(2))
+
+
+# ---------------------------------------------------------------- complex parameters
+
+
+def test_global_norm_of_complex_values_is_real_and_equals_optax():
+    tree = _complex_tree()
+    ours = sgdjax.global_norm(tree)
+    assert ours.dtype == jnp.float32
+    expected = np.sqrt(sum(np.sum(np.abs(x) ** 2) for x in jax.tree.leaves(_numpy(tree))))
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)
+    np.testing.assert_allclose(ours, optax.global_norm(tree), rtol=1e-6)
+
+
+def test_clip_by_norm_of_complex_values_against_numpy():
+    tree = _complex_tree()
+    updates, _ = sgdjax.clip_by_norm(0.5).update(tree, optax.EmptyState())
+    for got, x in zip(jax.tree.leaves(updates), jax.tree.leaves(_numpy(tree))):
+        norm = np.sqrt(np.sum(np.abs(x) ** 2))
+        expected = x if norm < 0.5 else x * 0.5 / norm
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        (sgdjax.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)),
+        (sgdjax.adaptive_grad_clip(0.05), optax.adaptive_grad_clip(0.05)),
+        (sgdjax.sgd(0.1, momentum=0.9), optax.sgd(0.1, momentum=0.9)),
+        (sgdjax.sgd(0.1, momentum=0.9, nesterov=True), optax.sgd(0.1, 0.9, nesterov=True)),
+        (sgdjax.add_decayed_weights(0.1), optax.add_decayed_weights(0.1)),
+        (sgdjax.lars(0.5, weight_decay=1e-3), optax.lars(0.5, weight_decay=1e-3)),
+        (
+            sgdjax.schedule_free_sgd(0.1, weight_decay=1e-3),
+            optax.contrib.schedule_free_sgd(0.1, weight_decay=1e-3),
+        ),
+    ],
+    ids=["clip_by_global_norm", "adaptive_grad_clip", "sgd", "nesterov", "decay", "lars", "sf"],
+)
+def test_complex_updates_equal_optax(ours, theirs):
+    # Leaves optax's adaptive_grad_clip treats like sgdjax's (vectors, kernels, conv).
+    params = {k: v for k, v in _complex_tree().items() if k in ("bias", "dense", "conv")}
+    results = []
+    for tx in (ours, theirs):
+        p, state = params, tx.init(params)
+        update = jax.jit(tx.update)
+        for seed in range(4):
+            grads = {k: v for k, v in _complex_tree(seed + 1).items() if k in params}
+            updates, state = update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        results.append(p)
+    chex.assert_trees_all_close(*results, rtol=2e-5, atol=2e-6)
+
+
+def test_lars_converges_on_a_complex_problem():
+    problem = complex_quadratic()
+    learning_rate = sgdjax.schedules.cosine_annealing(0.5, t_max=600)
+    params = minimise(sgdjax.lars(learning_rate, trust_coefficient=0.1), problem, 600)
+    assert problem.solved(params), params
+
+
+def test_diagnostics_norms_of_complex_values_against_numpy():
+    params = _complex_tree()
+    grads = _complex_tree(1)
+    tx = sgdjax.diagnostics(sgdjax.sgd(0.1))
+    _, state = tx.update(grads, tx.init(params), params)
+    metrics = sgdjax.diagnostics_metrics(state)
+    norm = lambda tree: np.sqrt(sum(np.sum(np.abs(x) ** 2) for x in jax.tree.leaves(tree)))  # noqa: E731
+    np.testing.assert_allclose(metrics["grad_norm"], norm(_numpy(grads)), rtol=1e-6)
+    np.testing.assert_allclose(metrics["param_norm"], norm(_numpy(params)), rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm/dense"], norm(_numpy(grads["dense"])), rtol=1e-6)
+    np.testing.assert_allclose(metrics["update_norm"], 0.1 * norm(_numpy(grads)), rtol=1e-6)
+
+
+def test_ema_and_lookahead_keep_the_imaginary_part():
+    tree = _complex_tree()
+    state = sgdjax.ema_update(sgdjax.ema_init(tree), tree, 0.9)
+    chex.assert_trees_all_close(sgdjax.ema_value(state, 0.9), tree, rtol=1e-6)
+    tx = sgdjax.lookahead(sgdjax.sgd(0.1), sync_period=1, slow_step_size=0.5)
+    updates, _ = tx.update(tree, tx.init(tree), tree)  # phi + 0.5 (theta - 0.1 g - phi) - theta
+    chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -0.05 * g, tree), rtol=1e-5)
+
+
+def test_clip_by_value_rejects_complex_updates_with_a_clear_error():
+    with pytest.raises(ValueError, match="complex64"):
+        sgdjax.clip(1.0).update(_complex_tree(), optax.EmptyState())
+
+
+def test_real_momentum_buffer_for_complex_params_is_rejected():
+    with pytest.raises(ValueError, match="accumulator_dtype"):
+        sgdjax.momentum(0.9, accumulator_dtype=jnp.bfloat16).init(_complex_tree())
+
+
+# ---------------------------------------------------------------- extra arguments
+
+
+def _plateau_run(tx, steps=6):
+    """Runs ``tx`` passing ``value=`` the loss, as a chain with reduce_on_plateau needs."""
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        loss, grads = jax.value_and_grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+        updates, state = tx.update(grads, state, params, value=loss)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda plateau: sgdjax.chain(sgdjax.schedule_free_sgd(0.1), plateau),
+        lambda plateau: sgdjax.lookahead(sgdjax.chain(sgdjax.sgd(0.1), plateau)),
+        lambda plateau: sgdjax.skip_non_finite(sgdjax.chain(sgdjax.sgd(0.1), plateau)),
+        lambda plateau: sgdjax.diagnostics(sgdjax.chain(sgdjax.sgd(0.1), plateau)),
+        lambda plateau: sgdjax.flatten(sgdjax.chain(sgdjax.sgd(0.1), plateau)),
+    ],
+    ids=["schedule_free_sgd", "lookahead", "skip_non_finite", "diagnostics", "flatten"],
+)
+def test_extra_arguments_reach_reduce_on_plateau(make):
+    def plateau():
+        return optax.contrib.reduce_on_plateau(patience=1, factor=0.5, min_scale=1e-3)
+
+    tx = make(plateau())
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    reference = optax.chain(optax.sgd(0.1), plateau())
+    params = {"w": jnp.ones(3)}
+    state, reference_state = tx.init(params), reference.init(params)
+    for loss in (1.0, 2.0, 3.0, 4.0, 5.0):
+        value = jnp.asarray(loss)
+        _, state = tx.update(params, state, params, value=value)
+        _, reference_state = reference.update(params, reference_state, params, value=value)
+    scale = optax.tree_utils.tree_get(state, "scale")
+    np.testing.assert_allclose(scale, optax.tree_utils.tree_get(reference_state, "scale"))
+    assert float(scale) < 1.0  # the rising losses reached the plateau logic
+    _plateau_run(tx)  # and jitted, inside a training loop
+
+
+def test_every_sgdjax_leaf_transform_ignores_extra_arguments():
+    params = {"w": jnp.ones(3)}
+    for tx in (
+        sgdjax.schedule_free_sgd(0.1),
+        sgdjax.lookahead(sgdjax.sgd(0.1)),
+        sgdjax.momentum(0.9),
+        sgdjax.scale_by_learning_rate(0.1),
+        sgdjax.clip_by_global_norm(1.0),
+    ):
+        plain, _ = tx.update(params, tx.init(params), params)
+        extra, _ = tx.update(params, tx.init(params), params, value=jnp.asarray(1.0))
+        chex.assert_trees_all_equal(plain, extra)
+
+
+# ---------------------------------------------------------------- inject_hyperparams
+
+
+def test_inject_hyperparams_accepts_a_single_static_name():
+    factory = sgdjax.inject_hyperparams(sgdjax.sgdw, static_args="mask")
+    tx = factory(0.1, momentum=0.9, weight_decay=1e-2, mask={"w": True, "b": False})
+    state = tx.init({"w": jnp.ones(2), "b": jnp.ones(2)})
+    assert "mask" not in state.hyperparams and "learning_rate" in state.hyperparams
+    tx = sgdjax.inject_hyperparams(sgdjax.sgd, static_args="momentum")(0.1, momentum=0.9)
+    assert "momentum" not in tx.init(jnp.ones(2)).hyperparams
+    with pytest.raises(ValueError, match=r"static_args names \['moment'\]"):
+        sgdjax.inject_hyperparams(sgdjax.sgd, static_args="moment")
+
+
+# ---------------------------------------------------------------- skip_non_finite
+
+
+def test_skip_non_finite_skips_an_overflowing_update_from_finite_gradients():
+    # learning rate 1e38: -1e38 * (g + 0.9 b) overflows float32 once |g + 0.9 b| > 3.4
+    tx = sgdjax.skip_non_finite(sgdjax.sgd(1e38, momentum=0.9))
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    updates, state = update({"w": jnp.full(3, 1e-3)}, state, params)  # finite: applied
+    assert int(state.skipped_steps) == 0
+    before = state.inner_state
+    updates, state = update({"w": jnp.full(3, 10.0)}, state, params)  # overflows
+    chex.assert_trees_all_equal(updates, {"w": jnp.zeros(3)})
+    chex.assert_trees_all_equal(state.inner_state, before)
+    assert int(state.skipped_steps) == 1 and int(state.consecutive_skipped) == 1
+    assert not bool(state.last_finite)
+
+
+# ---------------------------------------------------------------- the step count
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: sgdjax.sgd(0.1),
+        lambda: sgdjax.sgd(0.1, momentum=0.9),
+        lambda: sgdjax.sgd(sgdjax.schedules.step_decay(0.1, 2), momentum=0.9, dampening=0.1),
+        lambda: sgdjax.sgdw(0.1, momentum=0.9, weight_decay=1e-2),
+        lambda: sgdjax.lars(0.1),
+        lambda: sgdjax.skip_non_finite(sgdjax.sgd(0.1, momentum=0.9)),
+        lambda: sgdjax.chain(sgdjax.clip_by_global_norm(1.0), sgdjax.sgd(0.1, momentum=0.9)),
+    ],
+    ids=["sgd", "momentum", "schedule", "sgdw", "lars", "skip_non_finite", "chain"],
+)
+def test_the_step_is_read_as_documented(make):
+    tx = make()
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update({"w": jnp.ones(2)}, state, params)
+    lr_state = optax.tree_utils.tree_get(state, "ScaleByLearningRateState")
+    assert int(lr_state.count) == 3
+    # every counter in the state counts the same steps
+    counts = optax.tree_utils.tree_get_all_with_path(state, "count")
+    assert counts and all(int(count) == 3 for _, count in counts)
+
+
+# ---------------------------------------------------------------- norm_type
+
+
+def _torch_clip(tree, max_norm, norm_type):
+    tensors = [torch.tensor(np.asarray(x), dtype=torch.float64) for x in jax.tree.leaves(tree)]
+    for t in tensors:
+        t.grad = t.detach().clone()
+    total = torch.nn.utils.clip_grad_norm_(tensors, max_norm, norm_type=norm_type)
+    return float(total), [t.grad.numpy() for t in tensors]
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0, 0.5, 7.5, float("inf")])
+@pytest.mark.parametrize("max_norm", [0.3, 1e4])
+def test_clip_by_global_norm_norm_type_equals_torch(norm_type, max_norm):
+    tree = mixed_tree(jnp.float32, seed=3)
+    total, expected = _torch_clip(tree, max_norm, norm_type)
+    assert (total > max_norm) == (max_norm == 0.3)  # one case clips, the other does not
+    tx = sgdjax.clip_by_global_norm(max_norm, norm_type=norm_type)
+    for update in (tx.update, jax.jit(tx.update)):
+        got, _ = update(tree, optax.EmptyState())
+        # torch divides by ||g||_p + 1e-6, sgdjax by ||g||_p: 1e-6 / ||g|| relative
+        for g, e in zip(jax.tree.leaves(got), expected):
+            np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-7)
+
+
+def test_clip_by_global_norm_norm_type_against_numpy_and_golden_values():
+    tree = {"a": jnp.array([3.0, -4.0]), "b": jnp.array([[12.0]])}
+    # ||.||_1 = 19, ||.||_2 = 13, ||.||_inf = 12
+    for norm_type, norm in ((1, 19.0), (2, 13.0), (float("inf"), 12.0)):
+        got, _ = sgdjax.clip_by_global_norm(1.0, norm_type=norm_type).update(tree, None)
+        chex.assert_trees_all_close(got, jax.tree.map(lambda x, n=norm: x / n, tree), rtol=1e-6)
+    # p = 3: (27 + 64 + 1728) ** (1/3) = 1819 ** (1/3)
+    got, _ = sgdjax.clip_by_global_norm(1.0, norm_type=3).update(tree, None)
+    chex.assert_trees_all_close(got, jax.tree.map(lambda x: x / 1819 ** (1 / 3), tree), rtol=1e-6)
+    # large p does not overflow float32 (100 ** 30 = 1e60)
+    big = {"a": jnp.array([100.0, 100.0])}
+    got, _ = sgdjax.clip_by_global_norm(1.0, norm_type=30).update(big, None)
+    chex.assert_trees_all_close(got, {"a": jnp.full(2, 100.0 / (2 ** (1 / 30) * 100.0))})
+
+
+@pytest.mark.parametrize("norm_type", [0, -1.0, float("nan"), "2", True])
+def test_clip_by_global_norm_rejects_bad_norm_types(norm_type):
+    with pytest.raises(ValueError, match="norm_type"):
+        sgdjax.clip_by_global_norm(1.0, norm_type=norm_type)
