@@ -7,6 +7,7 @@ in one chain. ``sgdjax.sgd`` follows ``torch.optim.SGD`` exactly, and
 
 from sgdjax import schedules
 from sgdjax._alias import sgd, sgdw
+from sgdjax._asgd import AsgdState, asgd, asgd_averaged_params
 from sgdjax._averaging import EmaState, ema_init, ema_update, ema_value
 from sgdjax._base import ScalarOrSchedule, Schedule
 from sgdjax._clipping import (
@@ -46,6 +47,7 @@ from sgdjax._skip import SkipNonFiniteState, all_finite, skip_non_finite
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsgdState",
     "DecoupledWeightDecayState",
     "DiagnosticsState",
     "EmaState",
@@ -60,6 +62,8 @@ __all__ = [
     "add_decayed_weights",
     "all_finite",
     "apply_updates",
+    "asgd",
+    "asgd_averaged_params",
     "chain",
     "clip",
     "clip_by_global_norm",
