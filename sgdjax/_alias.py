@@ -66,7 +66,10 @@ def sgd(
     It is ``chain(scale(-1) if maximize, add_decayed_weights(lambda),
     momentum(mu, dampening=tau, nesterov=...), scale_by_learning_rate(eta))``,
     leaving out the pieces whose hyperparameter is zero. The same arguments give
-    the same trajectory as torch, to float32 precision.
+    the same trajectory as torch, to float32 precision. The step count is
+    ``optax.tree_utils.tree_get(state, "ScaleByLearningRateState").count``
+    (momentum keeps an equal count of its own, so ``tree_get(state, "count")``
+    is ambiguous).
 
     Args:
       learning_rate: ``eta``: a number ``>= 0`` or a schedule ``count -> value``

@@ -12,7 +12,15 @@ from sgdjax import _base
 
 
 class ScaleByLearningRateState(NamedTuple):
-    """State of :func:`scale_by_learning_rate`: the number of updates taken so far."""
+    """State of :func:`scale_by_learning_rate`: the number of updates taken so far.
+
+    This is where to read an optimizer's step. The state of an alias such as
+    ``sgd(lr, momentum=0.9)`` holds one ``count`` per piece that needs one (momentum,
+    learning rate, decoupled decay), all equal, so
+    ``optax.tree_utils.tree_get(state, "count")`` finds several and raises; read
+    ``optax.tree_utils.tree_get(state, "ScaleByLearningRateState").count`` instead
+    (``sgd``, ``sgdw`` and ``lars`` have exactly one learning-rate piece).
+    """
 
     count: jax.Array  # int32 scalar
 
