@@ -36,6 +36,7 @@ from sgdjax._flatten import flatten
 from sgdjax._lars import exclude_bias_and_norm, lars, scale_by_trust_ratio
 from sgdjax._lookahead import LookaheadState, lookahead
 from sgdjax._momentum import MomentumState, momentum
+from sgdjax._muon import MuonState, muon, scale_by_muon
 from sgdjax._scale import ScaleByLearningRateState, scale, scale_by_learning_rate
 from sgdjax._schedule_free import (
     ScheduleFreeState,
@@ -53,6 +54,7 @@ __all__ = [
     "EmaState",
     "LookaheadState",
     "MomentumState",
+    "MuonState",
     "ScalarOrSchedule",
     "ScaleByLearningRateState",
     "Schedule",
@@ -83,9 +85,11 @@ __all__ = [
     "masked",
     "momentum",
     "multi_transform",
+    "muon",
     "named_chain",
     "scale",
     "scale_by_learning_rate",
+    "scale_by_muon",
     "scale_by_trust_ratio",
     "schedule_free_eval_params",
     "schedule_free_sgd",
