@@ -1,4 +1,4 @@
-"""CIFAR-10 loading, on-device augmentation and host-side batching."""
+"""CIFAR-10 loading and downloading, on-device augmentation and host-side batching."""
 
 from sgdjax.data._augment import (
     CIFAR10_MEAN,
@@ -9,7 +9,9 @@ from sgdjax.data._augment import (
     random_flip,
 )
 from sgdjax.data._batches import batches, epoch_order, num_batches
-from sgdjax.data._cifar import CIFAR10_CLASSES, DataError, Dataset, detect_layout, load_cifar10
+from sgdjax.data._cifar import CIFAR10_CLASSES, Dataset, detect_layout, load_cifar10
+from sgdjax.data._download import fetch_file
+from sgdjax.data._errors import DataError
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -21,6 +23,7 @@ __all__ = [
     "batches",
     "detect_layout",
     "epoch_order",
+    "fetch_file",
     "load_cifar10",
     "normalize",
     "num_batches",

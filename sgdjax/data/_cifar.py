@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sgdjax.data._errors import DataError
+
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -34,10 +36,6 @@ HOW_TO_GET_DATA = (
     "cifar-10-batches-py pickles, or a tensorflow-datasets data directory; or give no "
     "directory to download through tensorflow-datasets"
 )
-
-
-class DataError(ValueError):
-    """Missing, empty or malformed data; the message names the path and how to get the data."""
 
 
 class Dataset(NamedTuple):
