@@ -1,6 +1,21 @@
 """Device meshes, shardings (including ZeRO stage 1) and multi-host start-up."""
 
-from sgdjax.parallel._distributed import initialize_distributed
+from sgdjax.parallel._distributed import (
+    ProcessMismatchError,
+    addressable_devices,
+    any_process,
+    barrier,
+    check_same_config,
+    check_shared_directory,
+    config_hash,
+    gather_to_host,
+    global_batch,
+    initialize_distributed,
+    is_primary,
+    place_global,
+    process_allgather_bytes,
+    process_rows,
+)
 from sgdjax.parallel._host import use_cpu_devices
 from sgdjax.parallel._mesh import (
     DATA_AXIS,
@@ -15,11 +30,24 @@ from sgdjax.parallel._mesh import (
 
 __all__ = [
     "DATA_AXIS",
+    "ProcessMismatchError",
+    "addressable_devices",
+    "any_process",
+    "barrier",
     "batch_sharding",
     "bytes_per_device",
     "check_divisible",
+    "check_same_config",
+    "check_shared_directory",
+    "config_hash",
     "data_mesh",
+    "gather_to_host",
+    "global_batch",
     "initialize_distributed",
+    "is_primary",
+    "place_global",
+    "process_allgather_bytes",
+    "process_rows",
     "replicated",
     "shard_batch",
     "use_cpu_devices",

@@ -14,8 +14,12 @@ DATA_AXIS = "data"
 def data_mesh(num_devices: int | None = None, *, axis_name: str = DATA_AXIS) -> Mesh:
     """A one-axis mesh over the first ``num_devices`` devices (all when ``None``).
 
+    The devices are ordered by process, so under several processes each process's
+    share of a batch is one block of rows; there ``num_devices`` must be a multiple
+    of the process count and each process contributes ``num_devices / processes``.
+
     Args:
-      num_devices: how many devices to use; at most ``jax.device_count()``.
+      num_devices: how many devices to use (global); at most ``jax.device_count()``.
       axis_name: the mesh axis the batch is split over.
 
     Returns:
@@ -27,7 +31,7 @@ def data_mesh(num_devices: int | None = None, *, axis_name: str = DATA_AXIS) -> 
       >>> mesh.shape["data"]
       1
     """
-    available = jax.devices()
+    available = sorted(jax.devices(), key=lambda device: (device.process_index, device.id))
     if num_devices is None:
         num_devices = len(available)
     if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices <= 0:
@@ -37,7 +41,20 @@ def data_mesh(num_devices: int | None = None, *, axis_name: str = DATA_AXIS) -> 
             f"num_devices={num_devices} but only {len(available)} "
             f"{available[0].platform} device(s) exist"
         )
-    return Mesh(np.asarray(available[:num_devices]), (axis_name,))
+    processes = jax.process_count()
+    if processes == 1:
+        return Mesh(np.asarray(available[:num_devices]), (axis_name,))
+    if num_devices % processes:
+        raise ValueError(
+            f"num_devices={num_devices} must be a multiple of the {processes} processes"
+        )
+    each = num_devices // processes
+    chosen = [
+        device
+        for process in range(processes)
+        for device in [d for d in available if d.process_index == process][:each]
+    ]
+    return Mesh(np.asarray(chosen), (axis_name,))
 
 
 def check_divisible(batch_size: int, num_devices: int) -> None:

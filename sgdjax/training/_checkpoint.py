@@ -1,14 +1,83 @@
-"""Atomic orbax checkpoints of the whole train state, and resuming from the newest good one."""
+"""Orbax checkpoints of the whole train state that never lose work silently.
+
+- Checkpoints are named by the global step (so mid-epoch checkpoints work) and
+  record the number of whole epochs done inside.
+- Every refusal or failure of orbax is a :class:`CheckpointError` naming the step
+  and the folder (orbax silently refuses to save a step when a step at or beyond
+  it already exists on disk).
+- On resume, a newer checkpoint that cannot be read is moved aside (renamed to
+  ``<step>.unreadable``) and named before the older one is used, so later saves
+  are not refused and nothing is deleted.
+- A config that differs from the checkpoint's is a :class:`ConfigChangedError`
+  listing the differences, unless the caller accepts them.
+- Several processes save into one shared folder and restore straight into the
+  shardings of the state they pass as ``like``.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
+from sgdjax.parallel._distributed import barrier, is_primary
 from sgdjax.training._state import TrainState
+
+
+class CheckpointError(RuntimeError):
+    """Orbax refused or failed to write or read a checkpoint (the step and folder named)."""
+
+
+class ConfigChangedError(ValueError):
+    """``--resume`` with a config that differs from the checkpoint's (differences listed)."""
+
+
+class Restored(NamedTuple):
+    """What :meth:`Checkpointer.restore_latest` returns.
+
+    Attributes:
+      state: the restored state (its ``step`` is the checkpoint's global step).
+      epoch: whole epochs completed when the checkpoint was written.
+      note: one line for the log: where from, what was moved aside or accepted.
+      config: the config saved with the checkpoint.
+    """
+
+    state: TrainState
+    epoch: int
+    note: str
+    config: dict[str, Any]
+
+
+def config_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore: Sequence[str] = ("epochs",)
+) -> list[str]:
+    """``"name: saved -> current"`` for each field that differs (JSON-normalised).
+
+    Fields named in ``ignore`` (by default ``epochs``: continuing a run for longer
+    is what ``--resume`` is for) and fields absent from ``saved`` (a checkpoint
+    written before the field existed) are not compared.
+    """
+    current = json.loads(json.dumps(dict(current), default=str))
+    return [
+        f"{name}: {saved[name]!r} -> {value!r}"
+        for name, value in sorted(current.items())
+        if name not in ignore and name in saved and saved[name] != value
+    ]
+
+
+def _abstract(tree: Any) -> Any:
+    """Restore targets: the shape, dtype and sharding of each array of ``tree``."""
+
+    def leaf(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return x
+
+    return jax.tree.map(leaf, tree)
 
 
 def _to_tree(state: TrainState, epoch: int) -> dict[str, Any]:
@@ -23,6 +92,8 @@ def _to_tree(state: TrainState, epoch: int) -> dict[str, Any]:
     }
     if state.ema is not None:
         tree["ema"] = {"count": state.ema.count, "average": state.ema.average}
+    if state.slow is not None:
+        tree["slow"] = state.slow
     return tree
 
 
@@ -40,21 +111,43 @@ def _from_tree(tree: dict[str, Any], like: TrainState) -> tuple[TrainState, int]
         if "ema" not in tree:
             raise ValueError("the checkpoint holds no moving average, but the run keeps one")
         state = state.replace(ema=like.ema._replace(**tree["ema"]))
+    if like.slow is not None:
+        if "slow" not in tree:
+            raise ValueError("the checkpoint holds no lookahead weights, but the run keeps them")
+        state = state.replace(slow=tree["slow"])
     return state, int(tree["epoch"])
 
 
 class Checkpointer:
-    """Saves the train state every few epochs and restores the newest readable one.
+    """Saves the train state by global step and restores the newest readable one.
 
-    Orbax writes each checkpoint into a temporary folder and renames it when complete,
-    so a crash never leaves a half-written checkpoint that looks finished. Restoring
-    reads array data only (no pickled code). If the newest checkpoint is unreadable,
-    the next older one is used and the returned note says so.
+    Orbax writes each checkpoint into a temporary folder and renames it when
+    complete, so a crash never leaves a half-written checkpoint that looks
+    finished. Restoring reads array data only (no pickled code). Under several
+    processes, every process creates the ``Checkpointer`` and calls ``save`` and
+    ``restore_latest`` together, on one folder they all see.
+
+    Args:
+      directory: the checkpoint folder (created when needed).
+      max_to_keep: how many checkpoints to keep (older ones are deleted).
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, optax
+      >>> from sgdjax.training import Checkpointer, ConvNet, TrainState
+      >>> state = TrainState.create(model=ConvNet(widths=(4, 4)), tx=optax.sgd(0.1),
+      ...                           rng=jax.random.key(0), sample_input=jnp.zeros((1, 32, 32, 3)))
+      >>> checkpoints = Checkpointer(tempfile.mkdtemp())
+      >>> checkpoints.save(0, state, {"seed": 0}, epoch=0)
+      >>> checkpoints.restore_latest(state, config={"seed": 0}).epoch
+      0
+      >>> checkpoints.close()
     """
 
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3):
         import orbax.checkpoint as ocp
 
+        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")
         self._ocp = ocp
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
@@ -63,60 +156,170 @@ class Checkpointer:
         )
 
     @staticmethod
-    def saved_epochs(directory: str | Path) -> list[int]:
-        """The epochs with a finished checkpoint in ``directory`` (none if it is missing)."""
+    def saved_steps(directory: str | Path) -> list[int]:
+        """The steps with a checkpoint folder in ``directory`` (none if it is missing)."""
         directory = Path(directory)
         if not directory.is_dir():
             return []
         return sorted(int(child.name) for child in directory.iterdir() if child.name.isdigit())
 
-    def save(self, epoch: int, state: TrainState, config: dict[str, Any] | None = None) -> None:
-        """Writes the checkpoint for ``epoch`` (state and config) and waits until it is on disk."""
-        args = self._ocp.args
-        self._manager.save(
-            epoch,
-            args=args.Composite(
-                state=args.StandardSave(_to_tree(state, epoch)),
-                config=args.JsonSave(config or {}),
-            ),
-        )
-        self._manager.wait_until_finished()
+    saved_epochs = saved_steps  # the name the epoch-numbered loop used
 
-    def restore_tree(self, epoch: int, like: TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The raw arrays and the config saved for ``epoch``."""
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        config: Mapping[str, Any] | None = None,
+        *,
+        epoch: int | None = None,
+    ) -> None:
+        """Writes the checkpoint of global step ``step`` and waits until it is on disk.
+
+        Args:
+          step: the checkpoint's name, the global step ``int(state.step)`` (a loop
+            that saves once per epoch may name checkpoints by epoch instead).
+          state: the state; global arrays under several processes.
+          config: the run's config, saved beside it as JSON.
+          epoch: whole epochs completed at this step (default: ``step``).
+
+        Raises:
+          CheckpointError: a checkpoint at ``step`` or later already exists in the
+            folder (orbax would silently skip the save), or orbax failed.
+        """
+        epoch = step if epoch is None else epoch
+        self._manager.reload()
+        later = [saved for saved in self._manager.all_steps() if saved >= step]
+        if later:
+            raise CheckpointError(
+                f"cannot save the checkpoint of step {step} in {self.directory}: "
+                f"step(s) {sorted(later)} already exist there (from another run, or a stray "
+                "folder); move them away or choose another --out"
+            )
+        args = self._ocp.args
+        try:
+            saved = self._manager.save(
+                step,
+                args=args.Composite(
+                    state=args.StandardSave(_to_tree(state, epoch)),
+                    config=args.JsonSave(json.loads(json.dumps(dict(config or {}), default=str))),
+                ),
+            )
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise CheckpointError(
+                f"saving the checkpoint of step {step} in {self.directory} failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        if not saved:
+            raise CheckpointError(
+                f"orbax refused to save the checkpoint of step {step} in {self.directory}"
+            )
+
+    def restore_config(self, step: int) -> dict[str, Any]:
+        """The config saved with the checkpoint of ``step``."""
+        restored = self._manager.restore(
+            step, args=self._ocp.args.Composite(config=self._ocp.args.JsonRestore())
+        )
+        return dict(restored["config"] or {})
+
+    def restore_tree(self, step: int, like: TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The raw arrays (with ``like``'s shardings) and the config saved for ``step``."""
         args = self._ocp.args
         restored = self._manager.restore(
-            epoch,
+            step,
             args=args.Composite(
-                state=args.StandardRestore(_to_tree(like, 0)), config=args.JsonRestore()
+                state=args.StandardRestore(_abstract(_to_tree(like, 0))),
+                config=args.JsonRestore(),
             ),
         )
         return restored["state"], dict(restored["config"] or {})
 
-    def restore_latest(
-        self, like: TrainState
-    ) -> tuple[TrainState, int, str, dict[str, Any]] | None:
-        """``(state, epoch, note, config)`` from the newest readable checkpoint, or None."""
+    def _move_aside(self, step: int) -> Path:
+        """Renames the folder of ``step`` to ``<step>.unreadable`` (process 0; all wait)."""
+        target = self.directory / f"{step}.unreadable"
+        suffix = 2
+        while target.exists():
+            target = self.directory / f"{step}.unreadable-{suffix}"
+            suffix += 1
+        if is_primary():
+            (self.directory / str(step)).rename(target)
+        barrier(f"sgdjax-checkpoint-aside-{step}")
         self._manager.reload()
-        steps = sorted(self._manager.all_steps(), reverse=True)
-        skipped = []
-        for step in steps:
+        return target
+
+    def restore_latest(
+        self,
+        like: TrainState,
+        *,
+        config: Mapping[str, Any] | None = None,
+        accept_config_changes: bool = False,
+        ignore: Sequence[str] = ("epochs",),
+    ) -> Restored | None:
+        """The newest readable checkpoint, or None when the folder holds none.
+
+        Newest first: a checkpoint that cannot be read is moved aside (renamed to
+        ``<step>.unreadable``) and the next older one is tried; the note names
+        what was moved. With ``config`` given, the checkpoint's config is compared
+        first (see :func:`config_differences`).
+
+        Args:
+          like: a state of the run's structure; the restored arrays take its
+            shardings (pass a placed state to restore straight onto the mesh).
+          config: the run's config, compared with the checkpoint's.
+          accept_config_changes: continue despite differences (listed in the note).
+          ignore: config fields that may change on resume.
+
+        Returns:
+          A :class:`Restored`, or None when there is no readable checkpoint.
+
+        Raises:
+          ConfigChangedError: ``config`` differs and the changes are not accepted.
+          CheckpointError: with accepted config changes, the checkpoint does not
+            fit the changed run (nothing is moved aside then).
+        """
+        self._manager.reload()
+        moved = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                tree, config = self.restore_tree(step, like)
-                state, epoch = _from_tree(tree, like)
-            except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped
-                skipped.append(f"epoch {step} ({type(error).__name__})")
+                saved_config = self.restore_config(step)
+            except Exception as error:  # noqa: BLE001 - an unreadable checkpoint is moved aside
+                moved.append(f"step {step} ({type(error).__name__}) to {self._move_aside(step)}")
                 continue
-            note = f"resuming from the checkpoint of epoch {epoch} in {self.directory}"
-            if skipped:
-                note += f"; skipped unreadable checkpoint(s): {', '.join(skipped)}"
-            return state, epoch, note, config
-        if skipped:
+            differences = [] if config is None else config_differences(
+                saved_config, config, ignore=ignore
+            )  # fmt: skip
+            aside = f"; moved unreadable checkpoint(s) aside: {', '.join(moved)}" if moved else ""
+            if differences and not accept_config_changes:
+                raise ConfigChangedError(
+                    f"the checkpoint of step {step} in {self.directory} was written with a "
+                    f"different config ({'; '.join(differences)}); resume with the same "
+                    f"settings, or accept the changes (--accept-config-changes){aside}"
+                )
+            try:
+                tree, _ = self.restore_tree(step, like)
+                state, epoch = _from_tree(tree, like)
+            except Exception as error:  # noqa: BLE001 - classified below
+                if differences:
+                    raise CheckpointError(
+                        f"the checkpoint of step {step} in {self.directory} does not fit the "
+                        f"changed config ({'; '.join(differences)}): "
+                        f"{type(error).__name__}: {error}"
+                    ) from error
+                moved.append(f"step {step} ({type(error).__name__}) to {self._move_aside(step)}")
+                continue
+            note = (
+                f"resuming from the checkpoint of step {step} (epoch {epoch}) in {self.directory}"
+            )
+            if differences:
+                note += f"; accepted config changes: {'; '.join(differences)}"
+            return Restored(state, epoch, note + aside, saved_config)
+        if moved:
             print(
-                f"no readable checkpoint in {self.directory} ({', '.join(skipped)}); "
+                f"no readable checkpoint in {self.directory} (moved aside: {', '.join(moved)}); "
                 "starting from scratch"
             )
         return None
 
     def close(self) -> None:
+        """Waits for pending writes and releases orbax's resources."""
         self._manager.close()
