@@ -44,6 +44,7 @@ from sgdjax._schedule_free import (
     schedule_free_sgd,
 )
 from sgdjax._skip import SkipNonFiniteState, all_finite, skip_non_finite
+from sgdjax._swa import SwaState, swa_init, swa_update, swa_value
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,7 @@ __all__ = [
     "Schedule",
     "ScheduleFreeState",
     "SkipNonFiniteState",
+    "SwaState",
     "adaptive_grad_clip",
     "add_decayed_weights",
     "all_finite",
@@ -97,5 +99,8 @@ __all__ = [
     "sgd",
     "sgdw",
     "skip_non_finite",
+    "swa_init",
+    "swa_update",
+    "swa_value",
     "unitwise_norm",
 ]

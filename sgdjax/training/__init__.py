@@ -22,6 +22,7 @@ from sgdjax.training._parallel import MODES, ParallelStep, make_parallel_train_s
 from sgdjax.training._speednet import SpeedNet, whitening_kernel
 from sgdjax.training._speedrun import SpeedrunConfig, speedrun
 from sgdjax.training._state import TrainState
+from sgdjax.training._swa_bn import recompute_batch_stats
 from sgdjax.training._step import (
     cross_entropy,
     default_preprocess,
@@ -63,6 +64,7 @@ __all__ = [
     "make_train_step",
     "max_pool_2x2",
     "needs_bn_axis",
+    "recompute_batch_stats",
     "speedrun",
     "train_and_evaluate",
     "whitening_kernel",
