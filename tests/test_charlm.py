@@ -1,5 +1,7 @@
 """experiments/charlm.py end to end on a tiny generated text."""
 
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -177,3 +179,28 @@ def test_clip_norm_none_turns_clipping_off():
         params = {"w": np.zeros(2, np.float32)}
         updates, _ = tx.update(grads, tx.init(params), params)
         np.testing.assert_allclose(updates["w"], expected, rtol=1e-6)
+
+
+def test_the_corpus_is_fetched_once_and_checked(text_file, tmp_path, monkeypatch, capsys):
+    source = tmp_path / "served.txt"
+    source.write_bytes(text_file.read_bytes())
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    corpus = charlm.Corpus("a test text", urls=(source.as_uri(),), sha256=digest, filename="t.txt")
+    monkeypatch.setitem(charlm.CORPORA, "tiny_shakespeare", corpus)
+    config = charlm.CharLMConfig(corpus="tiny_shakespeare")
+    text, where = charlm.load_text(config, tmp_path / "cache", progress=False)
+    assert text == text_file.read_text() and where == source.as_uri()
+    assert (tmp_path / "cache" / "t.txt").read_bytes() == source.read_bytes()
+    source.unlink()  # the cached copy is used, nothing is fetched again
+    assert charlm.load_text(config, tmp_path / "cache", progress=False)[0] == text
+    monkeypatch.setenv("SGDJAX_DATA", str(tmp_path / "cache"))
+    assert charlm.load_text(config, progress=False)[0] == text
+
+    wrong = dataclasses.replace(corpus, filename="other.txt", sha256="0" * 64)
+    monkeypatch.setitem(charlm.CORPORA, "tiny_shakespeare", wrong)
+    source.write_text("not the text")
+    with pytest.raises(SystemExit) as exit_info:
+        charlm.main(["--data-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "sha256" in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "other.txt").exists()
