@@ -175,6 +175,11 @@ def scale_by_muon(
 
     def check_matrices(tree):
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+                raise ValueError(
+                    f"muon needs real leaves (as torch), got {jnp.dtype(leaf.dtype).name} at "
+                    f"{jax.tree_util.keystr(path) or '<root>'}"
+                )
             if len(leaf.shape) < 2:
                 raise ValueError(
                     f"muon needs leaves with at least 2 axes, got shape {tuple(leaf.shape)} at "
@@ -192,6 +197,7 @@ def scale_by_muon(
         _base.check_trees_match(
             state.momentum_buffer, updates, expected_name="muon state", got_name="updates"
         )
+        check_matrices(updates)
 
         def leaf_update(g, b):
             new_b = _lerp(b, g.astype(b.dtype), 1.0 - momentum)

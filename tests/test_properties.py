@@ -22,6 +22,11 @@ def _labels(params):
     return {k: ("big" if k in ("dense", "conv") else "small") for k in params}
 
 
+def _by_rank(params):
+    """Muon on the leaves with two or more axes, SGD on the rest."""
+    return jax.tree.map(lambda p: "muon" if p.ndim >= 2 else "sgd", params)
+
+
 # "factory" or "factory[variant]" -> a constructor; every public factory appears here.
 TRANSFORMS = {
     "scale": lambda: sgdjax.scale(0.5),
@@ -75,10 +80,32 @@ TRANSFORMS = {
     "lookahead": lambda: sgdjax.lookahead(sgdjax.sgd(0.1, momentum=0.9), sync_period=2),
     "diagnostics": lambda: sgdjax.diagnostics(sgdjax.sgd(0.1), clip_threshold=1.0),
     "schedule_free_sgd": lambda: sgdjax.schedule_free_sgd(0.1, weight_decay=1e-4),
+    "asgd": lambda: sgdjax.asgd(0.1, t0=1.0, weight_decay=1e-3),
+    "asgd[scheduled_maximize]": lambda: sgdjax.asgd(
+        schedules.cosine_annealing(0.1, 5), lambd=1e-2, maximize=True
+    ),
+    "muon[with_sgd]": lambda: sgdjax.multi_transform(
+        {"muon": sgdjax.muon(0.02), "sgd": sgdjax.sgd(0.1, momentum=0.9)}, _by_rank
+    ),
+    "scale_by_muon[bfloat16_iteration]": lambda: sgdjax.multi_transform(
+        {
+            "muon": sgdjax.scale_by_muon(ns_dtype=jnp.bfloat16, matrix_layout="in_out"),
+            "sgd": sgdjax.sgd(0.1),
+        },
+        _by_rank,
+    ),
+    "sgd[scheduled_momentum]": lambda: sgdjax.sgd(
+        schedules.one_cycle(0.1, 10), momentum=schedules.one_cycle_momentum(10), nesterov=True
+    ),
+    "momentum[cyclic_dampened]": lambda: sgdjax.momentum(
+        schedules.cyclic_momentum(2), dampening=0.1
+    ),
 }
 
 # Transforms that cannot apply to complex values, and the error that says so.
 REAL_ONLY = {
+    "muon[with_sgd]": "muon needs real leaves",  # as torch
+    "scale_by_muon[bfloat16_iteration]": "muon needs real leaves",
     "clip": "clip needs real updates",  # complex numbers have no order
     "momentum[bfloat16_buffer]": "accumulator_dtype",  # would drop the imaginary part
 }
