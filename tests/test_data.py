@@ -157,9 +157,14 @@ def test_pickles_never_run_code(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_tfds_path_with_mock_data():
+def test_tfds_path_with_mock_data(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
+    from sgdjax.data import _cifar
+
+    # With TensorFlow installed and nothing downloaded, tensorflow-datasets is the source.
+    monkeypatch.setattr(_cifar, "_tensorflow_installed", lambda: True)
+    monkeypatch.setenv("SGDJAX_DATA", str(tmp_path))
     with tfds.testing.mock_data(num_examples=6):
         loaded = data.load_cifar10()
     assert loaded.train_images.shape == (6, 32, 32, 3) and loaded.train_images.dtype == np.uint8

@@ -2,13 +2,18 @@
 
 import hashlib
 import http.server
+import io
+import os
+import pickle
 import socket
+import tarfile
 import threading
 
 import numpy as np
 import pytest
 
 from sgdjax import data
+from sgdjax.data import _cache, _cifar
 
 
 class Server:
@@ -218,3 +223,161 @@ def test_arguments_are_checked(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         data.fetch_file(destination=tmp_path / "x", **arguments)
     assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- CIFAR-10's archive
+
+
+def cifar_archive(per_batch=4, seed=0):
+    """A tiny archive laid out as cifar-10-python.tar.gz; returns (bytes, expected arrays)."""
+    rng = np.random.default_rng(seed)
+    buffer, expected = io.BytesIO(), {"train": [], "test": []}
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+
+        def add(name, obj):
+            raw = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            rows = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+            labels = rng.integers(0, 10, per_batch).tolist()
+            add(name, {b"data": rows, b"labels": labels, b"batch_label": name.encode()})
+            expected["test" if name == "test_batch" else "train"].append((rows, labels))
+        add("batches.meta", {b"label_names": [n.encode() for n in data.CIFAR10_CLASSES]})
+        add("readme.html", {})
+    arrays = {
+        split: (
+            np.concatenate([r for r, _ in parts]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1),
+            np.concatenate([np.asarray(labels, np.int32) for _, labels in parts]),
+        )
+        for split, parts in expected.items()
+    }
+    return buffer.getvalue(), arrays
+
+
+@pytest.fixture
+def archive(server, tmp_path, monkeypatch):
+    """Serves a tiny archive whose md5 stands in for the published one; SGDJAX_DATA in tmp."""
+    body, arrays = cifar_archive()
+    server.files["cifar-10-python.tar.gz"] = body
+    monkeypatch.setattr(_cifar, "CIFAR10_MD5", md5(body))
+    monkeypatch.setattr(_cifar, "_tensorflow_installed", lambda: False)
+    monkeypatch.setenv("SGDJAX_DATA", str(tmp_path / "home"))
+    monkeypatch.delenv(_cifar.CIFAR10_URL_VARIABLE, raising=False)
+    return body, arrays
+
+
+def assert_loaded(loaded, arrays):
+    np.testing.assert_array_equal(loaded.train_images, arrays["train"][0])
+    np.testing.assert_array_equal(loaded.train_labels, arrays["train"][1])
+    np.testing.assert_array_equal(loaded.test_images, arrays["test"][0])
+    np.testing.assert_array_equal(loaded.test_labels, arrays["test"][1])
+    assert loaded.class_names == data.CIFAR10_CLASSES
+
+
+def test_cifar10_downloads_once_into_sgdjax_data(server, archive, tmp_path, monkeypatch):
+    _, arrays = archive
+    monkeypatch.setenv(_cifar.CIFAR10_URL_VARIABLE, server.url("cifar-10-python.tar.gz"))
+    assert_loaded(data.load_cifar10(progress=False), arrays)
+    home = tmp_path / "home"
+    assert leftovers(home) == ["cifar-10-batches-py"]  # no archive, part or temporary
+    assert sorted(p.name for p in (home / "cifar-10-batches-py").iterdir()) == sorted(
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta", ".sgdjax_cache"]
+    )
+    assert_loaded(data.load_cifar10(progress=False), arrays)
+    assert len(server.requests) == 1  # never twice
+
+
+def test_cifar10_urls_argument_and_user_cache(server, archive, tmp_path, monkeypatch):
+    _, arrays = archive
+    monkeypatch.delenv("SGDJAX_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.default_data_dir() == tmp_path / "xdg" / "sgdjax"
+    urls = [server.url("missing.tar.gz"), server.url("cifar-10-python.tar.gz")]
+    assert_loaded(data.load_cifar10(urls=urls, progress=False), arrays)
+    assert (tmp_path / "xdg" / "sgdjax" / "cifar-10-batches-py" / "test_batch").is_file()
+
+
+def test_cifar10_download_into_a_given_folder(server, archive, tmp_path):
+    _, arrays = archive
+    url = server.url("cifar-10-python.tar.gz")
+    with pytest.raises(data.DataError, match="no such directory"):  # no surprise downloads
+        data.load_cifar10(tmp_path / "mine", urls=url, progress=False)
+    assert server.requests == []
+    loaded = data.load_cifar10(tmp_path / "mine", download=True, urls=url, progress=False)
+    assert_loaded(loaded, arrays)
+    assert leftovers(tmp_path / "mine") == ["cifar-10-batches-py"]
+    assert not (tmp_path / "home").exists()
+
+
+def test_cifar10_download_resumes_a_dropped_connection(server, archive, tmp_path):
+    body, arrays = archive
+    server.drops["cifar-10-python.tar.gz"] = [len(body) // 3]
+    loaded = data.load_cifar10(urls=server.url("cifar-10-python.tar.gz"), progress=False)
+    assert_loaded(loaded, arrays)
+    assert [r for _, r in server.requests] == [None, f"bytes={len(body) // 3}-"]
+
+
+@pytest.mark.parametrize("fault", ["wrong_checksum", "404", "absent", "dropped"])
+def test_cifar10_download_failures_are_one_line_and_leave_nothing(
+    server, archive, tmp_path, monkeypatch, fault
+):
+    url = server.url("cifar-10-python.tar.gz")
+    expected = {
+        "wrong_checksum": "checksum mismatch",
+        "404": "HTTP 404",
+        "absent": "connection refused",
+        "dropped": "connection dropped after 100 of",
+    }[fault]
+    if fault == "wrong_checksum":
+        monkeypatch.setattr(_cifar, "CIFAR10_MD5", "c58f30108f718f92721af3b95e74349a")
+    elif fault == "404":
+        url = server.url("elsewhere.tar.gz")
+    elif fault == "absent":
+        url = f"http://127.0.0.1:{free_port()}/cifar-10-python.tar.gz"
+    else:
+        server.drops["cifar-10-python.tar.gz"] = [100, 0, 0, 0]
+    with pytest.raises(data.DataError) as raised:
+        data.load_cifar10(urls=url, progress=False)
+    message = str(raised.value)
+    assert expected in message and "\n" not in message
+    assert "needs a network connection" in message and "--data-dir" in message
+    home = tmp_path / "home"
+    assert leftovers(home) == (["cifar-10-python.tar.gz.part"] if fault == "dropped" else [])
+    assert not (home / "cifar-10-batches-py").exists()
+
+
+def test_offline_without_data_is_one_line(archive, monkeypatch):
+    # What a machine without a network sees: the home page's host does not resolve.
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(data.DataError) as raised:
+        data.load_cifar10(progress=False)
+    message = str(raised.value)
+    assert message.startswith("cannot download cifar-10-python.tar.gz: https://www.cs.toronto")
+    assert "cannot resolve the host" in message and "\n" not in message
+    assert "needs a network connection" in message and "give --data-dir a local copy" in message
+
+
+def test_download_false_never_touches_the_network(archive, monkeypatch):
+    monkeypatch.setattr(_cifar, "fetch_file", lambda *a, **k: pytest.fail("downloaded"))
+    with pytest.raises(data.DataError, match="not downloaded there and download=False"):
+        data.load_cifar10(download=False)
+    with pytest.raises(ValueError, match="download must be None, True or False, got 'yes'"):
+        data.load_cifar10(download="yes")
+
+
+def test_stale_unpack_folder_is_removed(server, archive, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    stale = _cache.make_temporary(home, "cifar-10-batches-py")
+    (stale / "cifar-10-batches-py").mkdir()
+    (stale / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half")
+    dead = stale.with_name(stale.name.replace(f"-{os.getpid()}-", "-999999999-"))
+    stale.rename(dead)
+    data.load_cifar10(urls=server.url("cifar-10-python.tar.gz"), progress=False)
+    assert leftovers(home) == ["cifar-10-batches-py"]

@@ -9,7 +9,9 @@ from sgdjax.data._augment import (
     random_flip,
 )
 from sgdjax.data._batches import batches, epoch_order, num_batches
-from sgdjax.data._cifar import CIFAR10_CLASSES, Dataset, detect_layout, load_cifar10
+from sgdjax.data._cache import default_data_dir
+from sgdjax.data._cifar import CIFAR10_CLASSES, detect_layout, load_cifar10
+from sgdjax.data._dataset import Dataset
 from sgdjax.data._download import fetch_file
 from sgdjax.data._errors import DataError
 
@@ -21,6 +23,7 @@ __all__ = [
     "Dataset",
     "augment",
     "batches",
+    "default_data_dir",
     "detect_layout",
     "epoch_order",
     "fetch_file",

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import os
 import pickle
 import shutil
-import tempfile
+import tarfile
+import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
+from sgdjax.data import _cache
+from sgdjax.data._dataset import IMAGE_SHAPE, Dataset, check_dataset, check_labels
+from sgdjax.data._download import fetch_file
 from sgdjax.data._errors import DataError
 
 CIFAR10_CLASSES = (
@@ -27,25 +31,21 @@ CIFAR10_CLASSES = (
     "ship",
     "truck",
 )
-IMAGE_SHAPE = (32, 32, 3)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-_CACHE_VERSION = 1
+
+# The python version of the data set, as published on its home page.
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_URL_VARIABLE = "SGDJAX_CIFAR10_URL"
+_ARCHIVE = "cifar-10-python.tar.gz"
+_ARCHIVE_FOLDER = "cifar-10-batches-py"
+_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 
 HOW_TO_GET_DATA = (
     "give --data-dir a folder with {train,test}/<class>/*.jpg|png, the "
     "cifar-10-batches-py pickles, or a tensorflow-datasets data directory; or give no "
-    "directory to download through tensorflow-datasets"
+    "--data-dir to download CIFAR-10 into $SGDJAX_DATA or the user cache folder"
 )
-
-
-class Dataset(NamedTuple):
-    """CIFAR-style arrays: uint8 NHWC images and int32 labels for train and test."""
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    class_names: tuple[str, ...]
 
 
 # ---------------------------------------------------------------- layouts
@@ -87,10 +87,18 @@ def _decode(file: Path) -> np.ndarray:
 
     try:
         with Image.open(file) as image:
+            # Checked before any pixel is decoded: a huge image costs nothing.
+            if image.size != IMAGE_SHAPE[1::-1]:
+                width, height = image.size
+                raise DataError(f"{file}: image shape {(height, width, 3)}, expected {IMAGE_SHAPE}")
             if image.mode != "RGB":
                 raise DataError(f"{file}: image mode {image.mode}, expected RGB")
             array = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{file}: image far larger than 32x32 ({error})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
         raise DataError(f"{file}: cannot decode image ({error})") from None
     if array.shape != IMAGE_SHAPE:
         raise DataError(f"{file}: image shape {array.shape}, expected {IMAGE_SHAPE}")
@@ -129,7 +137,13 @@ def _folder_files(root: Path) -> dict[str, list[tuple[Path, int]]]:
 def _load_folder(root: Path) -> Dataset:
     files = _folder_files(root)
     arrays = {}
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+    from PIL import Image
+
+    with (
+        warnings.catch_warnings(),  # sizes are checked before decoding: no bomb to warn of
+        ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool,
+    ):
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         for split, entries in files.items():
             images = list(pool.map(_decode, [file for file, _ in entries], chunksize=256))
             arrays[split] = (
@@ -142,7 +156,7 @@ def _load_folder(root: Path) -> Dataset:
 # ---------------------------------------------------------------- pickles
 
 
-def _read_pickle(file: Path) -> dict:
+def _read_pickle(file: Path) -> object:
     if not file.is_file():
         raise DataError(f"{file}: missing CIFAR-10 pickle batch; {HOW_TO_GET_DATA}")
     with open(file, "rb") as handle:
@@ -172,31 +186,74 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _batch_arrays(batch: dict, file: Path) -> tuple[np.ndarray, np.ndarray]:
-    data = batch.get(b"data", batch.get("data"))
-    labels = batch.get(b"labels", batch.get("labels"))
-    if data is None or labels is None:
-        raise DataError(f"{file}: pickle batch lacks 'data' or 'labels'")
-    data = np.asarray(data, np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != data.shape[0]:
-        raise DataError(f"{file}: data of shape {data.shape}, expected (N, 3072) with N labels")
-    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), np.asarray(labels, np.int32)
+def _field(batch: object, key: str, file: Path):
+    if not isinstance(batch, dict):
+        raise DataError(f"{file}: pickle holds a {type(batch).__name__}, expected a dict")
+    value = batch.get(key.encode(), batch.get(key))
+    if value is None:
+        raise DataError(f"{file}: pickle batch lacks {key!r}")
+    return value
+
+
+def _integers(value: object, what: str, file: Path) -> np.ndarray:
+    """``value`` as a numpy integer array, or a one-line :class:`DataError`."""
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise DataError(f"{file}: {what} is a {type(value).__name__}, expected an array or list")
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise DataError(f"{file}: {what} is not a rectangular array ({error})") from None
+    if array.size == 0:
+        array = array.astype(np.int64)
+    if array.dtype.kind not in "iu":
+        raise DataError(f"{file}: {what} of dtype {array.dtype}, expected integers")
+    return array
+
+
+def _batch_arrays(batch: object, file: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    data = _integers(_field(batch, "data", file), "data", file)
+    labels = _integers(_field(batch, "labels", file), "labels", file)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{file}: data of shape {data.shape}, expected (N, 3072)")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"{file}: pixel values {data.min()}..{data.max()}, expected 0..255")
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise DataError(f"{file}: labels of shape {labels.shape} for {len(data)} images")
+    check_labels(labels, num_classes, str(file))
+    images = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int32)
+
+
+def _label_names(meta_file: Path) -> tuple[str, ...]:
+    """The class names in ``batches.meta`` (CIFAR-10's own when it is absent)."""
+    if not meta_file.is_file():
+        return CIFAR10_CLASSES
+    meta = _read_pickle(meta_file)
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_file}: pickle holds a {type(meta).__name__}, expected a dict")
+    raw = meta.get(b"label_names", meta.get("label_names"))
+    if raw is None:
+        return CIFAR10_CLASSES
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(n, (str, bytes)) for n in raw):
+        raise DataError(f"{meta_file}: label_names must be a list of strings, got {raw!r:.80}")
+    if len(raw) != len(CIFAR10_CLASSES):
+        raise DataError(
+            f"{meta_file}: {len(raw)} label names, expected {len(CIFAR10_CLASSES)} for CIFAR-10"
+        )
+    try:
+        return tuple(n.decode("utf-8") if isinstance(n, bytes) else n for n in raw)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{meta_file}: label names are not UTF-8 ({error})") from None
 
 
 def _load_pickles(root: Path) -> Dataset:
+    names = _label_names(root / "batches.meta")
     train = [
-        _batch_arrays(_read_pickle(root / f"data_batch_{i}"), root / f"data_batch_{i}")
+        _batch_arrays(_read_pickle(root / f"data_batch_{i}"), root / f"data_batch_{i}", len(names))
         for i in range(1, 6)
     ]
-    test_images, test_labels = _batch_arrays(_read_pickle(root / "test_batch"), root / "test_batch")
-    names = CIFAR10_CLASSES
-    meta_file = root / "batches.meta"
-    if meta_file.is_file():
-        meta = _read_pickle(meta_file)
-        raw = meta.get(b"label_names", meta.get("label_names"))
-        if raw:
-            names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in raw)
+    test_file = root / "test_batch"
+    test_images, test_labels = _batch_arrays(_read_pickle(test_file), test_file, len(names))
     return Dataset(
         np.concatenate([images for images, _ in train]),
         np.concatenate([labels for _, labels in train]),
@@ -248,104 +305,149 @@ def _load_tfds(data_dir: Path | None) -> Dataset:
     return Dataset(*splits["train"], *splits["test"], CIFAR10_CLASSES)
 
 
-# ---------------------------------------------------------------- cache
+# ---------------------------------------------------------------- download
 
 
-def _fingerprint(path: Path) -> str:
-    """A key that changes when files are added, removed or renamed under ``path``.
-
-    It combines the modification time and entry count of every folder (a folder's
-    time changes whenever an entry in it is added, removed or renamed) and costs one
-    ``stat`` per folder, not per file. A file rewritten in place under the same name
-    is not noticed: delete the cache folder after editing images by hand.
-    """
-    parts = [str(_CACHE_VERSION), str(path.resolve())]
-    for directory, folders, files in os.walk(path):
-        folders[:] = sorted(f for f in folders if f != ".sgdjax_cache")
-        # The top folder's own time changes when the cache is written into it: use
-        # its subfolder names instead.
-        stamp = folders if directory == str(path) else os.stat(directory).st_mtime_ns
-        parts.append(f"{directory}:{stamp}:{len(files)}:{len(folders)}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+def _tensorflow_installed() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
 
 
-def _cache_dir_for(path: Path, cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    inside = path / ".sgdjax_cache"
-    if os.access(path, os.W_OK):
-        return inside
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sgdjax"
+def _archive_urls(urls: str | Sequence[str] | None) -> list[str]:
+    """``urls``, else the mirrors in ``$SGDJAX_CIFAR10_URL``, else the home page."""
+    if urls is not None:
+        return [urls] if isinstance(urls, str) else list(urls)
+    listed = os.environ.get(CIFAR10_URL_VARIABLE, "").replace(",", " ").split()
+    return listed or [CIFAR10_URL]
 
 
-_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+def _unpacked(root: Path) -> bool:
+    return all((root / _ARCHIVE_FOLDER / name).is_file() for name in _BATCHES)
 
 
-def _read_cache(folder: Path) -> Dataset | None:
-    """The cached arrays, or None when the cache is missing, partial or corrupt."""
-    if not folder.is_dir():
-        return None
+def _download(root: Path, urls: list[str], progress: bool) -> Path:
+    """Fetches and unpacks the archive into ``root/cifar-10-batches-py`` (once, atomically)."""
+    target = root / _ARCHIVE_FOLDER
+    if _unpacked(root):
+        return target
     try:
-        arrays = [np.load(folder / f"{name}.npy", allow_pickle=False) for name in _ARRAYS]
-        names = tuple((folder / "class_names.txt").read_text().split("\n"))
-    except (OSError, ValueError, EOFError):
-        return None
-    return Dataset(*arrays, names)
-
-
-def _write_cache(folder: Path, data: Dataset) -> None:
-    """Writes the cache atomically: a temporary folder beside it, then one rename."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"{root}: cannot create the download folder ({error})") from None
+    _cache.remove_stale_temporaries(root)
     try:
-        for name in _ARRAYS:
-            with open(temporary / f"{name}.npy", "wb") as stream:
-                np.save(stream, getattr(data, name), allow_pickle=False)
-                stream.flush()
-                os.fsync(stream.fileno())
-        (temporary / "class_names.txt").write_text("\n".join(data.class_names))
-        if folder.exists():
-            shutil.rmtree(folder)  # a corrupt cache being replaced
-        os.rename(temporary, folder)
-    except BaseException:
+        archive = fetch_file(urls, root / _ARCHIVE, md5=CIFAR10_MD5, progress=progress)
+    except DataError as error:
+        raise DataError(
+            f"{error}; downloading CIFAR-10 needs a network connection (or a reachable mirror "
+            f"in ${CIFAR10_URL_VARIABLE}); without one, give --data-dir a local copy (the "
+            "cifar-10-batches-py pickles or {train,test}/<class>/ images)"
+        ) from None
+    if _unpacked(root):  # another process unpacked it meanwhile
+        return target
+    wanted = {f"{_ARCHIVE_FOLDER}/{name}" for name in _BATCHES}
+    temporary = _cache.make_temporary(root, _ARCHIVE_FOLDER)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name in wanted]
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(temporary, members=members, **safe)
+        absent = sorted(wanted - {m.name for m in members})
+        if absent:
+            raise DataError(f"{archive}: the archive lacks {absent}")
+        try:
+            os.rename(temporary / _ARCHIVE_FOLDER, target)
+        except OSError as error:
+            if not _unpacked(root):
+                raise DataError(
+                    f"{target}: cannot put the unpacked batches there ({error}); remove "
+                    "the folder if it holds an incomplete copy"
+                ) from None
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise DataError(f"{archive}: cannot unpack ({error})") from None
+    finally:
         shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    archive.unlink(missing_ok=True)  # the unpacked batches now mark the download as done
+    return target
 
 
 # ---------------------------------------------------------------- entry point
 
 
 def load_cifar10(
-    data_dir: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None
+    data_dir: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    download: bool | None = None,
+    urls: str | Sequence[str] | None = None,
+    progress: bool = True,
 ) -> Dataset:
     """Loads CIFAR-10 as uint8 NHWC images and int32 labels for train and test.
 
-    With no directory, the data come from tensorflow-datasets (downloaded on first
-    use). With a directory, its layout is detected:
+    With no directory, the original python-version archive is downloaded once from
+    the data set's home page (or the mirrors in ``urls`` or ``$SGDJAX_CIFAR10_URL``),
+    checked against its published md5, resumed if interrupted, and unpacked
+    atomically into ``$SGDJAX_DATA/cifar-10-batches-py`` (default
+    ``~/.cache/sgdjax``); later calls read the unpacked batches. When TensorFlow is
+    installed and nothing has been downloaded yet, tensorflow-datasets provides the
+    data instead (``download=True`` insists on the archive). With a directory, its
+    layout is detected:
 
     - an image folder ``<dir>/{train,test}/<class>/*.jpg|png`` (or one level down
       in ``<dir>/cifar10``); sorted class folder names give the labels;
     - the original ``cifar-10-batches-py`` pickles (read without running code);
     - a tensorflow-datasets data directory holding ``cifar10/<version>/``.
 
+    Every source is checked: image sizes before decoding, array shapes and dtypes,
+    labels below the class count, ten names in ``batches.meta``.
+
     Decoded arrays are cached as ``.npy`` files (in ``<dir>/.sgdjax_cache`` when
-    writable, else ``~/.cache/sgdjax``), keyed by the folders' entry counts and
-    modification times, so a second load takes well under a second. The cache is written
-    atomically; a corrupt cache is ignored and rewritten.
+    writable, else ``$SGDJAX_DATA`` or ``~/.cache/sgdjax``), keyed by the folders'
+    entry counts and modification times, so a second load takes well under a second.
+    The cache is written atomically; a cache that is unreadable or inconsistent
+    (lengths, shapes, dtypes, labels) is rebuilt with a warning; temporary folders
+    left by a killed writer are removed.
 
     Args:
-      data_dir: where the data are, or ``None`` for tensorflow-datasets.
+      data_dir: where the data are, or ``None`` to download (see above).
       cache_dir: where to keep decoded arrays (folder layouts and pickles only).
+      download: ``None``: download only when ``data_dir`` is ``None``; ``True``: also
+        download into ``data_dir`` when it holds no CIFAR-10 layout, and prefer the
+        archive to tensorflow-datasets; ``False``: never use the network.
+      urls: mirrors of ``cifar-10-python.tar.gz`` tried in order, replacing
+        ``$SGDJAX_CIFAR10_URL`` (whitespace- or comma-separated) and the home page.
+      progress: show a progress bar while downloading.
 
     Returns:
       A :class:`Dataset`.
 
     Raises:
-      DataError: missing, empty or malformed data, with the path and what to do.
+      DataError: missing, empty or malformed data, or a failed download, in one line
+        with the path and what to do.
+
+    Example::
+
+      data = load_cifar10()  # the first call downloads 163 MiB
+      data.train_images.shape  # (50000, 32, 32, 3)
     """
+    if download not in (None, True, False):
+        raise ValueError(f"download must be None, True or False, got {download!r}")
     if data_dir is None:
-        return _load_tfds(None)
-    path = Path(data_dir).expanduser()
+        root = _cache.default_data_dir()
+        if not _unpacked(root):
+            if download is None and _tensorflow_installed():
+                return _checked(_load_tfds(None), "tensorflow-datasets cifar10")
+            if download is False:
+                raise DataError(
+                    f"{root}: CIFAR-10 is not downloaded there and download=False; "
+                    f"{HOW_TO_GET_DATA}"
+                )
+        path = _download(root, _archive_urls(urls), progress)
+    else:
+        path = Path(data_dir).expanduser()
+        if download and not (path.is_dir() and _has_layout(path)):
+            if path.exists() and not path.is_dir():
+                raise DataError(f"{path}: not a directory; {HOW_TO_GET_DATA}")
+            path = _download(path, _archive_urls(urls), progress)
     if not path.exists():
         raise DataError(f"{path}: no such directory; {HOW_TO_GET_DATA}")
     if not path.is_dir():
@@ -354,14 +456,31 @@ def load_cifar10(
         raise DataError(f"{path}: directory is empty; {HOW_TO_GET_DATA}")
     layout, root = detect_layout(path)
     if layout == "tfds":
-        return _load_tfds(root)
-    cache_file = _cache_dir_for(path, cache_dir) / f"cifar10-{layout}-{_fingerprint(root)}"
-    cached = _read_cache(cache_file)
+        return _checked(_load_tfds(root), str(root))
+    cache_parent = _cache.cache_dir_for(path, cache_dir)
+    _cache.remove_stale_temporaries(cache_parent)
+    cache_file = cache_parent / f"cifar10-{layout}-{_cache.fingerprint(root)}"
+    cached, problem = _cache.read_cache(cache_file)
     if cached is not None:
         return cached
-    data = _load_folder(root) if layout == "folder" else _load_pickles(root)
+    if problem is not None:
+        warnings.warn(f"{cache_file}: cache {problem}; rebuilding it", stacklevel=2)
+    data = _checked(_load_folder(root) if layout == "folder" else _load_pickles(root), str(root))
     try:
-        _write_cache(cache_file, data)
+        _cache.write_cache(cache_file, data)
     except OSError:
         pass  # a read-only location only costs the next load its speed
+    return data
+
+
+def _has_layout(path: Path) -> bool:
+    try:
+        detect_layout(path)
+    except DataError:
+        return False
+    return True
+
+
+def _checked(data: Dataset, where: str) -> Dataset:
+    check_dataset(data, where)
     return data
