@@ -162,9 +162,12 @@ class NNXModel:
 
     Args:
       module: an initialized NNX module called as ``module(x)`` whose state is only
-        ``nnx.Param`` and ``nnx.BatchStat`` (its weights are the initial weights:
-        ``init`` ignores its key). The module itself is not changed by training;
-        rebuild one from the trained state with :meth:`merge`.
+        ``nnx.Param`` and ``nnx.BatchStat``. The module itself is not changed by
+        training; rebuild one from the trained state with :meth:`merge`.
+      init_from: ``None``: ``init`` returns the module's own weights and ignores
+        its key. A Linen module whose variables have the module's tree: ``init``
+        is that module's ``init`` (checked against the tree), so a run from a
+        seed starts from exactly the Linen model's initial weights.
 
     Example::
 
@@ -176,16 +179,24 @@ class NNXModel:
       ValueError: if the module holds other state (``nnx.Rngs`` for dropout, ...).
     """
 
-    def __init__(self, module: nnx.Module):
+    def __init__(self, module: nnx.Module, *, init_from: Any = None):
         self.graphdef, self._variables = _split(module)
+        if init_from is not None and not callable(getattr(init_from, "init", None)):
+            raise ValueError(f"init_from must be a Linen module or None, got {init_from!r}")
+        self.init_from = init_from
 
     def init(self, rng: jax.Array, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The module's current variables (an NNX module is initialized when built).
+        """Initial variables: ``init_from.init(rng, ...)``, else the module's own.
 
-        Takes and ignores Linen's ``init`` arguments (key, sample input, ``train``).
+        Takes Linen's ``init`` arguments (key, sample input, ``train=...``); without
+        ``init_from`` they are ignored (an NNX module is initialized when built).
         """
-        del rng, args, kwargs
-        return jax.tree.map(jnp.asarray, self._variables)
+        if self.init_from is None:
+            return jax.tree.map(jnp.asarray, self._variables)
+        variables = dict(self.init_from.init(rng, *args, **kwargs))
+        check_trees_match(self._variables, variables, expected_name="the NNX model",
+                          got_name=f"{type(self.init_from).__name__}'s variables")  # fmt: skip
+        return variables
 
     def merge(self, variables: dict[str, Any]) -> nnx.Module:
         """A module holding ``variables`` (e.g. a trained ``{"params": ..., **model_state}``)."""
@@ -219,3 +230,29 @@ class NNXModel:
         if "batch_stats" in names and "batch_stats" in self._variables:
             updated["batch_stats"] = nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
         return logits, updated
+
+
+def nnx_convnet_like(model: Any, *, image_size: int = 32) -> NNXModel:
+    """The NNX twin of a Linen :class:`~sgdjax.training.ConvNet`, initialized as it is.
+
+    An :class:`NNXConvNet` with ``model``'s classes, widths, dtype and BatchNorm
+    axis, behind :class:`NNXModel` with ``init_from=model``: a train state created
+    from it with a given key holds the very arrays the Linen model's would, and
+    trains to the same numbers through the NNX code path (``Config.api = "nnx"``).
+
+    Raises:
+      ValueError: if ``model`` is not a ``ConvNet``.
+    """
+    from sgdjax.training._models import ConvNet
+
+    if not isinstance(model, ConvNet):
+        raise ValueError(f"an NNX twin exists for ConvNet only, got {type(model).__name__}")
+    module = NNXConvNet(
+        model.num_classes,
+        widths=getattr(model, "widths", (32, 64)),
+        image_size=image_size,
+        dtype=model.dtype,
+        bn_axis_name=model.bn_axis_name,
+        rngs=nnx.Rngs(0),  # replaced by the Linen model's initial weights
+    )
+    return NNXModel(module, init_from=model)
