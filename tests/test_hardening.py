@@ -6,6 +6,8 @@ non-finite update from finite gradients, reading the step count, and
 ``clip_by_global_norm``'s ``norm_type`` (against ``torch.nn.utils.clip_grad_norm_``).
 """
 
+import inspect
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ import torch
 from helpers import complex_quadratic, minimise, mixed_tree
 
 import sgdjax
+from sgdjax import schedules
 
 
 def _complex_tree(seed=0):
@@ -47,6 +50,68 @@ def test_nesterov_still_rejects_dampening_and_zero_momentum_inside_jit():
         jax.jit(lambda p: sgdjax.momentum(0.9, dampening=0.5, nesterov=True).init(p))(jnp.ones(2))
     with pytest.raises(ValueError, match="momentum > 0"):
         jax.jit(lambda p: sgdjax.sgd(0.1, nesterov=True).init(p))(jnp.ones(2))
+
+
+# Every public schedule factory of sgdjax.schedules, built from constants.
+SCHEDULES = {
+    "chained": lambda: schedules.chained(
+        0.1, [schedules.step_decay(0.1, 2), schedules.exponential_decay(0.1, 0.9)]
+    ),
+    "constant": lambda: schedules.constant(0.1),
+    "constant_factor": lambda: schedules.constant_factor(0.1),
+    "cosine_annealing": lambda: schedules.cosine_annealing(0.1, 5),
+    "cosine_warm_restarts": lambda: schedules.cosine_warm_restarts(0.1, 3, t_mult=2),
+    "cyclic": lambda: schedules.cyclic(0.01, 0.1, 2, mode="exp_range", gamma=0.9),
+    "cyclic_momentum": lambda: schedules.cyclic_momentum(2),
+    "exponential_decay": lambda: schedules.exponential_decay(0.1, 0.9),
+    "join": lambda: schedules.join(
+        [schedules.constant(0.1), schedules.cosine_annealing(0.1, 4)], [3]
+    ),
+    "lambda_factor": lambda: schedules.lambda_factor(0.1, lambda c: 0.9**c),
+    "linear": lambda: schedules.linear(0.1),
+    "multiplicative": lambda: schedules.multiplicative(0.1, lambda c: 0.9, 10),
+    "multistep_decay": lambda: schedules.multistep_decay(0.1, [2, 5]),
+    "one_cycle": lambda: schedules.one_cycle(0.1, 10),
+    "one_cycle_momentum": lambda: schedules.one_cycle_momentum(10),
+    "polynomial": lambda: schedules.polynomial(0.1),
+    "step_decay": lambda: schedules.step_decay(0.1, 2),
+    "swa_lr": lambda: schedules.swa_lr(0.1, 0.05, 3),
+    "warmup": lambda: schedules.warmup(schedules.cosine_annealing(0.1, 5), 2),
+}
+
+
+def test_every_public_schedule_is_checked_inside_jit():
+    public = {
+        name
+        for name, value in vars(schedules).items()
+        if inspect.isfunction(value)
+        and not name.startswith("_")
+        and value.__module__ == schedules.__name__
+        and "Schedule" in str(inspect.signature(value).return_annotation)
+    }
+    assert {"one_cycle", "cyclic", "warmup"} <= public
+    assert public == set(SCHEDULES), sorted(public ^ set(SCHEDULES))
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedule_builds_inside_jit_vmap_and_grad(name):
+    counts = jnp.arange(8)
+    eager = np.asarray([float(SCHEDULES[name]()(int(c))) for c in counts])
+    batched = jax.vmap(lambda c: SCHEDULES[name]()(c))(counts)
+    np.testing.assert_allclose(batched, eager, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda c: SCHEDULES[name]()(c))(counts[5]), eager[5])
+    slope = jax.grad(lambda x: x * SCHEDULES[name]()(3))(1.0)
+    np.testing.assert_allclose(slope, eager[3], rtol=1e-6)
+
+
+def test_reduce_on_plateau_builds_inside_jit():
+    def run(metric):
+        plateau = schedules.reduce_on_plateau(0.1, patience=0)
+        state = plateau.update(plateau.update(plateau.init(), metric), metric + 1.0)
+        return plateau.value(state)
+
+    np.testing.assert_allclose(jax.jit(run)(1.0), run(1.0))
+    np.testing.assert_allclose(run(1.0), 0.01, rtol=1e-6)  # one bad epoch, patience 0
 
 
 # ---------------------------------------------------------------- complex parameters
