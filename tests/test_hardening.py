@@ -280,6 +280,11 @@ def test_inject_hyperparams_accepts_a_single_static_name():
     assert "momentum" not in tx.init(jnp.ones(2)).hyperparams
     with pytest.raises(ValueError, match=r"static_args names \['moment'\]"):
         sgdjax.inject_hyperparams(sgdjax.sgd, static_args="moment")
+    # norm_type chooses the computation: always static, never injected
+    tx = sgdjax.inject_hyperparams(sgdjax.clip_by_global_norm)(1.0, norm_type=1)
+    state = tx.init(jnp.ones(2))
+    assert set(state.hyperparams) == {"max_norm"}
+    chex.assert_trees_all_close(tx.update(jnp.full(2, 3.0), state)[0], jnp.full(2, 0.5))
 
 
 # ---------------------------------------------------------------- skip_non_finite
