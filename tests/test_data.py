@@ -4,6 +4,8 @@ import io
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import time
 
 import chex
@@ -14,6 +16,7 @@ import pytest
 from PIL import Image
 
 from sgdjax import data
+from sgdjax.data import _cache
 
 CLASSES = ("cat", "airplane", "dog")  # sorted: airplane=0, cat=1, dog=2
 
@@ -194,7 +197,8 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     first = data.load_cifar10(tmp_path / "d")
     (cache,) = list((tmp_path / "d" / ".sgdjax_cache").iterdir())
     (cache / "train_images.npy").write_bytes(b"\x93NUMPY garbage")
-    again = data.load_cifar10(tmp_path / "d")
+    with pytest.warns(UserWarning, match="cache unreadable .*; rebuilding it"):
+        again = data.load_cifar10(tmp_path / "d")
     chex.assert_trees_all_equal(tuple(first), tuple(again))
     assert np.load(cache / "train_images.npy").shape == first.train_images.shape
 
@@ -204,6 +208,61 @@ def test_adding_an_image_invalidates_the_cache(tmp_path):
     assert len(data.load_cifar10(tmp_path / "d").train_images) == 12
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "d/train/cat/new.png")
     assert len(data.load_cifar10(tmp_path / "d").train_images) == 13
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda c: np.save(c / "train_labels.npy", np.zeros(5, np.int32)), "labels of shape"),
+        (lambda c: np.save(c / "test_images.npy", np.zeros((6, 32, 32, 1), np.uint8)), "images of"),
+        (lambda c: np.save(c / "train_images.npy", np.zeros((12, 32, 32, 3), np.int64)), "dtype"),
+        (lambda c: np.save(c / "test_labels.npy", np.full(6, 3, np.int32)), "label 3 outside"),
+        (lambda c: (c / "class_names.txt").write_text(""), "class names"),
+    ],
+    ids=["lengths", "shape", "dtype", "labels", "names"],
+)
+def test_inconsistent_cache_is_rebuilt_and_said(tmp_path, damage, problem):
+    make_image_folder(tmp_path / "d")
+    first = data.load_cifar10(tmp_path / "d")
+    (cache,) = list((tmp_path / "d" / ".sgdjax_cache").iterdir())
+    damage(cache)
+    with pytest.warns(UserWarning, match=f"{cache.name}: cache .*{problem}.*; rebuilding it"):
+        again = data.load_cifar10(tmp_path / "d")
+    chex.assert_trees_all_equal(tuple(first), tuple(again))
+    chex.assert_trees_all_equal(tuple(first), tuple(data.load_cifar10(tmp_path / "d")))
+
+
+def test_temporaries_of_killed_writers_are_removed(tmp_path):
+    make_image_folder(tmp_path / "d")
+    cache_parent = tmp_path / "d" / ".sgdjax_cache"
+    cache_parent.mkdir()
+    # A writer killed while it wrote the cache (SIGKILL: no cleanup runs).
+    writer = (
+        "import os, sys, pathlib\n"
+        "from sgdjax.data import _cache\n"
+        "folder = _cache.make_temporary(pathlib.Path(sys.argv[1]), 'cifar10-folder-' + '0' * 16)\n"
+        "(folder / 'train_images.npy').write_bytes(bytes(10000))\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", writer, str(cache_parent)], check=False)
+    assert killed.returncode == -9
+    (dead,) = list(cache_parent.iterdir())
+    # One from before names carried their writer, idle for two hours.
+    ownerless = cache_parent / ("cifar10-pickle-" + "1" * 16 + ".tmpab_c9")
+    ownerless.mkdir()
+    os.utime(ownerless, (time.time() - 7200, time.time() - 7200))
+    # One of a writer still running (the test's parent process), and unrelated folders.
+    running = _cache.make_temporary(cache_parent, "cifar10-folder-" + "2" * 16)
+    running = running.rename(
+        running.with_name(running.name.replace(f"-{os.getpid()}-", f"-{os.getppid()}-"))
+    )
+    unrelated = [cache_parent / "notes.tmp-0", cache_parent / ("cifar10-folder-" + "3" * 16)]
+    for folder in unrelated:
+        folder.mkdir()
+        os.utime(folder, (time.time() - 7200, time.time() - 7200))
+    data.load_cifar10(tmp_path / "d")
+    assert not dead.exists() and not ownerless.exists()
+    assert running.is_dir() and all(folder.is_dir() for folder in unrelated)
 
 
 # ---------------------------------------------------------------- bad input
@@ -263,6 +322,86 @@ def test_missing_pickle_batch(tmp_path):
 def test_unreadable_tfds_directory(tmp_path):
     (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
     with pytest.raises(data.DataError, match="tensorflow-datasets"):
+        data.load_cifar10(tmp_path)
+
+
+def test_decompression_bomb_is_one_line(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    make_image_folder(tmp_path)
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS; lowered, a 64x64 image trips it.
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1500)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "train/cat/bomb.png")
+    with pytest.raises(data.DataError, match="bomb.png: image far larger than 32x32") as raised:
+        data.load_cifar10(tmp_path)
+    assert "\n" not in str(raised.value)
+
+
+def test_large_image_is_refused_before_decoding(tmp_path, monkeypatch):
+    make_image_folder(tmp_path)
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(tmp_path / "test/dog/big.png")
+    monkeypatch.setattr(np, "asarray", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(data.DataError, match=r"big.png: image shape \(40, 48, 3\)"):
+        data._cifar._decode(tmp_path / "test/dog/big.png")
+
+
+def _rewrite(file, obj):
+    with open(file, "wb") as handle:
+        pickle.dump(obj, handle)
+
+
+ROWS = np.zeros((6, 3072), np.uint8)
+
+
+@pytest.mark.parametrize(
+    "file, obj, message",
+    [
+        ("data_batch_2", [ROWS, [0] * 6], "data_batch_2: pickle holds a list, expected a dict"),
+        ("test_batch", {b"data": ROWS, b"labels": 7}, "labels is a int, expected an array"),
+        ("data_batch_1", {b"data": ROWS, b"labels": [0.5] * 6}, "labels of dtype float64"),
+        ("data_batch_1", {b"data": ROWS, b"labels": [0] * 5}, r"labels of shape \(5,\) for 6"),
+        ("data_batch_1", {b"data": "pixels", b"labels": [0] * 6}, "data is a str"),
+        ("data_batch_1", {b"labels": [0] * 6}, "lacks 'data'"),
+        ("data_batch_3", {b"data": ROWS[:, :100], b"labels": [0] * 6}, r"\(6, 100\)"),
+        ("batches.meta", {b"label_names": 7}, "label_names must be a list of strings, got 7"),
+        ("batches.meta", {b"label_names": list(range(10))}, "label_names must be a list of str"),
+        ("batches.meta", "names", "batches.meta: pickle holds a str"),
+    ],
+    ids=["list", "int_labels", "float_labels", "short_labels", "str_data", "no_data", "width",
+         "int_names", "int_name_list", "str_meta"],
+)  # fmt: skip
+def test_malformed_pickles_are_one_line(tmp_path, file, obj, message):
+    make_pickles(tmp_path)
+    _rewrite(tmp_path / file, obj)
+    with pytest.raises(data.DataError, match=message) as raised:
+        data.load_cifar10(tmp_path, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("bad", [255, -1, 10])
+def test_pickle_labels_are_checked_against_the_class_count(tmp_path, bad):
+    make_pickles(tmp_path)
+    _rewrite(tmp_path / "data_batch_4", {b"data": ROWS, b"labels": [0, 1, bad, 3, 4, 5]})
+    with pytest.raises(data.DataError, match=f"data_batch_4: label {bad} outside 0..9"):
+        data.load_cifar10(tmp_path, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("count", [9, 11])
+def test_meta_with_the_wrong_number_of_names(tmp_path, count):
+    make_pickles(tmp_path)
+    _rewrite(tmp_path / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(count)]})
+    with pytest.raises(data.DataError, match=f"batches.meta: {count} label names, expected 10"):
+        data.load_cifar10(tmp_path, cache_dir=tmp_path / "cache")
+
+
+def test_tfds_labels_are_checked(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
+    image = np.zeros((32, 32, 3), np.uint8)
+    examples = [{"image": image, "label": label} for label in (0, 9, 12)]
+    monkeypatch.setattr(tfds, "data_source", lambda *args, **kwargs: examples)
+    with pytest.raises(data.DataError, match=r"label 12 outside 0..9"):
         data.load_cifar10(tmp_path)
 
 
