@@ -207,6 +207,41 @@ def test_existing_file_with_a_wrong_digest_is_replaced(server, tmp_path):
     assert (tmp_path / "f.bin").read_bytes() == body
 
 
+def test_concurrent_fetches_download_once(server, tmp_path):
+    body = payload(2_000_000)
+    server.files["f.bin"] = body
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(
+                data.fetch_file(
+                    server.url("f.bin"), tmp_path / "f.bin", md5=md5(body), progress=False
+                )  # fmt: skip
+            )
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors and results == [tmp_path / "f.bin"] * 4
+    assert (tmp_path / "f.bin").read_bytes() == body
+    assert len(server.requests) == 1 and leftovers(tmp_path) == ["f.bin"]
+
+
+def test_file_urls_and_a_partial_prefix(tmp_path):
+    body = payload()
+    (tmp_path / "source.bin").write_bytes(body)
+    (tmp_path / "f.bin.part").write_bytes(body[:777])
+    url = (tmp_path / "source.bin").as_uri()
+    data.fetch_file(url, tmp_path / "f.bin", sha256=sha256(body), progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == body
+    assert leftovers(tmp_path, keep=["source.bin"]) == ["f.bin"]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
