@@ -681,3 +681,15 @@ def test_bad_arguments_name_argument_and_value(make, argument, value):
         make()
     message = str(raised.value)
     assert argument in message and value in message, message
+
+
+def test_chained_with_a_cosine_to_zero_matches_torch_up_to_t_max():
+    """CosineAnnealingLR(eta_min=0) steps multiply the rate too, until T_max."""
+    ours = schedules.chained(
+        0.1, [schedules.cosine_annealing(0.1, 200), schedules.exponential_decay(0.1, 0.99)]
+    )
+    theirs = _torch_values(
+        lambda o: L.ChainedScheduler([L.CosineAnnealingLR(o, T_max=200), L.ExponentialLR(o, 0.99)]),
+        num_steps=200,
+    )
+    _assert_close(_ours(ours)[:200], theirs, rtol=3e-6)
