@@ -19,6 +19,7 @@ from sgdjax.training._checkpoint import (
     config_differences,
 )
 from sgdjax.training._preemption import PREEMPTED_EXIT_STATUS, PreemptionGuard
+from sgdjax.training._rundir import read_jsonl
 
 CONFIG = {"seed": 0, "learning_rate": 0.1, "epochs": 2, "model": "convnet"}
 
@@ -175,3 +176,117 @@ def test_a_second_signal_gives_up_at_once():
 def test_the_guard_rejects_signals_it_cannot_handle():
     with pytest.raises(ValueError, match="signals must be"):
         PreemptionGuard(signals=(signal.SIGKILL,))
+
+
+# ---------------------------------------------------------------- the engine, end to end
+
+
+def _dataset():
+    from sgdjax import data
+
+    generator = np.random.default_rng(0)
+    return data.Dataset(
+        generator.integers(0, 256, (80, 32, 32, 3), dtype=np.uint8),
+        generator.integers(0, 10, 80).astype(np.int32),
+        generator.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+        generator.integers(0, 10, 20).astype(np.int32),
+        tuple(f"class{i}" for i in range(10)),
+    )
+
+
+TINY = dict(batch_size=16, epochs=2, widths=(4, 8), checkpoint_every_steps=3, steps_per_call=1)
+
+
+def _final(workdir, like):
+    """The arrays of the newest checkpoint in ``workdir`` (raw, bit for bit)."""
+    checkpoints = Checkpointer(workdir / "checkpoints")
+    try:
+        step = max(Checkpointer.saved_steps(workdir / "checkpoints"))
+        return step, checkpoints.restore_tree(step, like)[0]
+    finally:
+        checkpoints.close()
+
+
+def _without_timings(rows):
+    timing = ("epoch_seconds", "images_per_second", "train_loss", "train_accuracy")
+    return [{k: v for k, v in row.items() if k not in timing} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from sgdjax.training import Config, Engine
+
+    notes = []
+    built = Engine(Config(**TINY), _dataset(), log=notes.append)
+    built.notes = notes
+    return built
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(engine, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    engine.run(0, workdir, progress=False)
+    return workdir
+
+
+@pytest.mark.parametrize("stop_at", [4, 7], ids=["epoch-1-step-4", "epoch-2-step-2"])
+def test_sigterm_mid_epoch_saves_and_resumes_to_the_bit(engine, uninterrupted, tmp_path, stop_at):
+    """A real SIGTERM, sent during program call ``stop_at``: the run saves that step,
+    raises Preempted, and --resume ends bit-identical to a run never stopped."""
+    from sgdjax.training import Preempted
+
+    programs = engine._train_programs
+    original = programs[1]
+    calls = []
+
+    def signalling(*args):
+        calls.append(1)
+        if len(calls) == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args)
+
+    programs[1] = signalling
+    try:
+        with pytest.raises(Preempted, match=f"SIGTERM at step {stop_at} .*--resume") as caught:
+            engine.run(0, tmp_path, progress=False)
+    finally:
+        programs[1] = original
+    assert caught.value.step == stop_at
+    assert stop_at in Checkpointer.saved_steps(tmp_path / "checkpoints")
+    assert not (tmp_path / ".lock").exists()  # released on the way out
+    # Damage metrics.jsonl as a crash and a stranger would: a foreign row, a cut line.
+    with open(tmp_path / "metrics.jsonl", "a") as stream:
+        stream.write('{"other": 1}\n{"epoch": 2, "tr')
+    engine.notes.clear()
+    summary = engine.run(0, tmp_path, resume=True, progress=False)
+    dropped = [note for note in engine.notes if "metrics.jsonl: dropped" in note]
+    assert len(dropped) == 1 and "not a metrics row" in dropped[0] and "not JSON" in dropped[0]
+    assert summary["steps"] == 10
+    like = engine._initial_state(0)
+    step, resumed = _final(tmp_path, like)
+    reference_step, reference = _final(uninterrupted, like)
+    assert step == reference_step == 10
+    chex.assert_trees_all_equal(resumed, reference)  # bit for bit, keys and counters too
+    rows, _ = read_jsonl(tmp_path / "metrics.jsonl")
+    reference_rows, _ = read_jsonl(uninterrupted / "metrics.jsonl")
+    assert _without_timings(rows) == _without_timings(reference_rows)
+
+
+def test_resume_refuses_a_changed_config_and_keeps_the_old_outputs(engine, uninterrupted, tmp_path):
+    import shutil
+
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigChangedError, match=r"seed: 0 -> 1.*--accept-config-changes"):
+        engine.run(1, tmp_path, resume=True, progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert Checkpointer.saved_steps(tmp_path / "checkpoints") == [6, 9, 10]
+
+
+def test_a_second_writer_on_the_same_out_is_refused(engine, tmp_path):
+    from sgdjax.training import RunDirectoryLocked, RunLock
+
+    with RunLock(tmp_path):
+        with pytest.raises(RunDirectoryLocked, match="is in use by process"):
+            engine.run(0, tmp_path, progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -27,6 +27,16 @@ import numpy as np
 from sgdjax.parallel._distributed import barrier, is_primary
 from sgdjax.training._state import TrainState
 
+SAFE_TO_CHANGE = (
+    "epochs",
+    "checkpoint_every",
+    "checkpoint_every_steps",
+    "eval_every",
+    "tensorboard",
+)
+"""Config fields that may differ on resume without being accepted: they change how
+long the run goes and what it writes, not the numbers it computes."""
+
 
 class CheckpointError(RuntimeError):
     """Orbax refused or failed to write or read a checkpoint (the step and folder named)."""
@@ -53,13 +63,17 @@ class Restored(NamedTuple):
 
 
 def config_differences(
-    saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore: Sequence[str] = ("epochs",)
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    ignore: Sequence[str] = SAFE_TO_CHANGE,
 ) -> list[str]:
     """``"name: saved -> current"`` for each field that differs (JSON-normalised).
 
-    Fields named in ``ignore`` (by default ``epochs``: continuing a run for longer
-    is what ``--resume`` is for) and fields absent from ``saved`` (a checkpoint
-    written before the field existed) are not compared.
+    Fields named in ``ignore`` (by default :data:`SAFE_TO_CHANGE`, such as
+    ``epochs``: continuing a run for longer is what ``--resume`` is for) and fields
+    absent from ``saved`` (a checkpoint written before the field existed) are not
+    compared.
     """
     current = json.loads(json.dumps(dict(current), default=str))
     return [
@@ -253,7 +267,7 @@ class Checkpointer:
         *,
         config: Mapping[str, Any] | None = None,
         accept_config_changes: bool = False,
-        ignore: Sequence[str] = ("epochs",),
+        ignore: Sequence[str] = SAFE_TO_CHANGE,
     ) -> Restored | None:
         """The newest readable checkpoint, or None when the folder holds none.
 

@@ -76,3 +76,16 @@ class PreemptionGuard:
     def should_stop(self, agree: Callable[[bool], bool] | None = None) -> bool:
         """Whether to save and stop now; ``agree`` combines the flag over processes."""
         return agree(self.requested) if agree is not None else self.requested
+
+
+class Preempted(Exception):
+    """The run saved a checkpoint and stopped on a signal; continue it with ``--resume``.
+
+    Attributes:
+      step: the global step of the checkpoint written.
+      directory: the checkpoint folder.
+    """
+
+    def __init__(self, message: str, *, step: int, directory: str):
+        super().__init__(message)
+        self.step, self.directory = step, directory
