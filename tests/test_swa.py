@@ -212,7 +212,7 @@ def test_swa_then_recompute_batch_stats_on_a_convnet():
     """The whole SWA ending: average the params, then recompute the statistics."""
     from sgdjax.training import ConvNet
 
-    model = ConvNet(widths=(4, 8), num_classes=3)
+    model = ConvNet(num_classes=3)
     rng = np.random.default_rng(4)
     images = rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
     variables = model.init(jax.random.key(0), images[:1], train=False)
