@@ -94,6 +94,7 @@ def start_processes(
 ) -> list[subprocess.Popen]:
     """Starts the group (each child in its own session); the caller must kill them."""
     port = free_port() if port is None else port
+    log_dir.mkdir(parents=True, exist_ok=True)
     processes = []
     try:
         for process_id in range(num_processes):

@@ -204,6 +204,8 @@ def place_global(tree: Any, shardings: Any) -> Any:
         shardings = jax.tree.map(lambda _: shardings, tree)
 
     def place(leaf, sharding):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # global already
+            return leaf if leaf.sharding == sharding else jax.device_put(leaf, sharding)
         if _is_key(leaf):
             raw = np.asarray(jax.random.key_data(leaf))
             data = jax.make_array_from_callback(

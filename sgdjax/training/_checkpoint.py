@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from sgdjax.parallel._distributed import barrier, is_primary
+from sgdjax.parallel._distributed import barrier, is_primary, place_global
 from sgdjax.training._state import TrainState
 
 SAFE_TO_CHANGE = (
@@ -83,15 +83,50 @@ def config_differences(
     ]
 
 
+def _is_local(x: Any) -> bool:
+    """A leaf that lives in this process alone while several processes run."""
+    if jax.process_count() == 1:
+        return False
+    return not isinstance(x, jax.Array) or x.is_fully_addressable
+
+
+def _everywhere() -> jax.sharding.NamedSharding:
+    """A full copy on every device of every process."""
+    devices = sorted(jax.devices(), key=lambda device: (device.process_index, device.id))
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("all",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _global(tree: Any) -> Any:
+    """Under several processes, process-local leaves as global copies (orbax saves
+    global arrays; every process holds the same values, e.g. pmap's gathered state)."""
+    return jax.tree.map(lambda x: place_global(x, _everywhere()) if _is_local(x) else x, tree)
+
+
 def _abstract(tree: Any) -> Any:
-    """Restore targets: the shape, dtype and sharding of each array of ``tree``."""
+    """Restore targets: the shape, dtype and sharding of each array of ``tree``
+    (process-local arrays, under several processes, as global copies)."""
 
     def leaf(x):
+        if _is_local(x):
+            return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=_everywhere())
         if isinstance(x, jax.Array):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         return x
 
     return jax.tree.map(leaf, tree)
+
+
+def _localise(restored: Any, like: Any) -> Any:
+    """Restored leaves back where ``like``'s process-local leaves live."""
+
+    def leaf(value, target):
+        if not _is_local(target):
+            return value
+        host = np.asarray(value.addressable_data(0))
+        return jax.device_put(host, target.sharding) if isinstance(target, jax.Array) else host
+
+    return jax.tree.map(leaf, restored, like)
 
 
 def _to_tree(state: TrainState, epoch: int) -> dict[str, Any]:
@@ -214,7 +249,7 @@ class Checkpointer:
             saved = self._manager.save(
                 step,
                 args=args.Composite(
-                    state=args.StandardSave(_to_tree(state, epoch)),
+                    state=args.StandardSave(_global(_to_tree(state, epoch))),
                     config=args.JsonSave(json.loads(json.dumps(dict(config or {}), default=str))),
                 ),
             )
@@ -239,14 +274,14 @@ class Checkpointer:
     def restore_tree(self, step: int, like: TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
         """The raw arrays (with ``like``'s shardings) and the config saved for ``step``."""
         args = self._ocp.args
+        target = _to_tree(like, 0)
         restored = self._manager.restore(
             step,
             args=args.Composite(
-                state=args.StandardRestore(_abstract(_to_tree(like, 0))),
-                config=args.JsonRestore(),
+                state=args.StandardRestore(_abstract(target)), config=args.JsonRestore()
             ),
         )
-        return restored["state"], dict(restored["config"] or {})
+        return _localise(restored["state"], target), dict(restored["config"] or {})
 
     def _move_aside(self, step: int) -> Path:
         """Renames the folder of ``step`` to ``<step>.unreadable`` (process 0; all wait)."""
