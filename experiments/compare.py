@@ -32,7 +32,8 @@ OPTIMIZERS = {
                  weight_decay=0.05),
     "lars": dict(optimizer="lars", momentum=0.9, nesterov=False, learning_rate=0.3),
     "schedule_free": dict(optimizer="schedule_free", momentum=0.9, learning_rate=0.05),
-    "lookahead": dict(optimizer="lookahead", momentum=0.9, nesterov=True, learning_rate=0.02),
+    "lookahead": dict(optimizer="sgd", momentum=0.9, nesterov=True, learning_rate=0.02,
+                      lookahead_period=5, lookahead_decay=0.5),
     "sam": dict(optimizer="sgd", momentum=0.9, nesterov=True, learning_rate=0.02,
                 sam_rho=0.05),
     "ema": dict(optimizer="sgd", momentum=0.9, nesterov=True, learning_rate=0.02,
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--host-devices: {error}")
 
     from sgdjax import data
-    from sgdjax.training import PRESETS, Config, train_and_evaluate
+    from sgdjax.training import PRESETS, Config, ConfigError, SetupError, train_and_evaluate
 
     try:
         dataset = data.load_cifar10(args.data_dir)
@@ -171,15 +172,17 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, dict[int, dict]] = {name: {} for name in args.optimizers}
     for seed in args.seeds:
         for name in args.optimizers:
-            values = dict(PRESETS[args.preset])
-            values.update(OPTIMIZERS[name])
+            values = dict(OPTIMIZERS[name])
             values.update(epochs=args.epochs, seed=seed, max_steps=args.max_steps,
                           train_subset=args.train_subset, test_subset=args.test_subset)  # fmt: skip
             if args.batch_size:
                 values["batch_size"] = args.batch_size
             if args.host_devices and args.host_devices > 1:
                 values.update(parallel="sharded", num_devices=args.host_devices)
-            config = Config(**values)
+            try:
+                config = dataclasses.replace(PRESETS[args.preset], **values)
+            except ConfigError as error:
+                parser.error(f"{name}: {error}")
             folder = out / f"seed-{seed}" / name
             summary = _finished(
                 folder, json.loads(json.dumps(dataclasses.asdict(config))), defaults
@@ -188,9 +191,12 @@ def main(argv: list[str] | None = None) -> dict:
                 if folder.exists():
                     shutil.rmtree(folder)  # an unfinished or different run: start afresh
                 print(f"== seed {seed}, {name}: {config.optimizer}, lr {config.learning_rate}")
-                summary = train_and_evaluate(
-                    config, folder, progress=not args.no_progress, dataset=dataset
-                )
+                try:
+                    summary = train_and_evaluate(
+                        config, folder, progress=not args.no_progress, dataset=dataset
+                    )
+                except SetupError as error:
+                    parser.error(f"{name}: {error}")
             else:
                 print(f"== seed {seed}, {name}: finished before, reused")
             history = [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()]

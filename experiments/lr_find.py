@@ -11,6 +11,7 @@ loss falls fastest. Writes lr_find.json and lr_find.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,16 +19,6 @@ from pathlib import Path
 import numpy as np
 
 # ---------------------------------------------------------------- the test
-
-
-def exponential_rates(start: float, end: float, steps: int):
-    """The schedule ``count -> start * (end / start) ** (count / (steps - 1))``."""
-    import jax.numpy as jnp
-
-    ratio = math.log(end / start) / max(steps - 1, 1)
-    return lambda count: (start * jnp.exp(ratio * jnp.asarray(count, jnp.float32))).astype(
-        jnp.float32
-    )
 
 
 def suggest(rates: np.ndarray, losses: np.ndarray) -> float:
@@ -42,40 +33,34 @@ def suggest(rates: np.ndarray, losses: np.ndarray) -> float:
 
 def run_range_test(dataset, *, model_name, batch_size, start, end, steps, momentum,
                    weight_decay, seed, smoothing=0.05):  # fmt: skip
-    import jax
-    import jax.numpy as jnp
+    """The range test through the training engine: one step per program, read each step.
 
-    import sgdjax
-    from sgdjax import data, training
+    The learning rate at step ``t`` is ``start * (end / start) ** (t / (steps - 1))``
+    (the engine's exponential schedule over the run's total steps).
+    """
+    from sgdjax import training
 
-    schedule = exponential_rates(start, end, steps)
-    tx = sgdjax.sgd(schedule, momentum=momentum, weight_decay=weight_decay)
-    state = training.TrainState.create(
-        model=training.create_model(model_name),
-        tx=tx,
-        rng=jax.random.key(seed),
-        sample_input=jnp.zeros((1, 32, 32, 3)),
-    )
-    step = training.make_train_step(augment_fn=data.augment, learning_rate_fn=schedule)
+    config = training.Config(
+        model=model_name, batch_size=batch_size, learning_rate=start, momentum=momentum,
+        nesterov=False, weight_decay=weight_decay, seed=seed, schedule="exponential",
+        epochs=math.ceil(steps / max(len(dataset.train_images) // batch_size, 1)),
+        steps_per_call=1, tensorboard=False,
+    )  # fmt: skip
+    total = training.plan_run(config, len(dataset.train_images)).total_steps
+    config = dataclasses.replace(config, exponential_final=(end / start) ** (total / (steps - 1)))
+    engine = training.Engine(config, dataset, log=lambda line: None)
     rates, smoothed, raw = [], [], []
     average, best = 0.0, math.inf
-    epoch = 0
-    while len(rates) < steps:
-        for batch in data.batches(dataset.train_images, dataset.train_labels, batch_size,
-                                  seed=seed, epoch=epoch):  # fmt: skip
-            if len(rates) >= steps:
-                break
-            state, metrics = step(state, batch)
-            loss, rate = float(metrics["loss"]), float(metrics["learning_rate"])
-            average = smoothing * loss + (1 - smoothing) * average
-            debiased = average / (1 - (1 - smoothing) ** (len(rates) + 1))
-            rates.append(rate)
-            raw.append(loss)
-            smoothed.append(debiased)
-            best = min(best, debiased)
-            if not math.isfinite(loss) or debiased > 4 * best:
-                return np.asarray(rates), np.asarray(smoothed), np.asarray(raw)
-        epoch += 1
+    for metrics in engine.chunk_metrics(seed):
+        loss, rate = metrics["loss"], metrics["learning_rate"]
+        average = smoothing * loss + (1 - smoothing) * average
+        debiased = average / (1 - (1 - smoothing) ** (len(rates) + 1))
+        rates.append(rate)
+        raw.append(loss)
+        smoothed.append(debiased)
+        best = min(best, debiased)
+        if len(rates) >= steps or not math.isfinite(loss) or debiased > 4 * best:
+            break
     return np.asarray(rates), np.asarray(smoothed), np.asarray(raw)
 
 
@@ -128,6 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
         dataset = data.load_cifar10(args.data_dir)
     except data.DataError as error:
         parser.error(str(error))
+    if len(dataset.train_images) < args.batch_size:
+        parser.error(
+            f"--batch-size {args.batch_size} is larger than the "
+            f"{len(dataset.train_images)} training images"
+        )
 
     rates, smoothed, raw = run_range_test(
         dataset, model_name=args.model, batch_size=args.batch_size, start=args.start,

@@ -1,5 +1,6 @@
 """experiments/cifar.py end to end on a tiny generated image folder."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -71,7 +72,7 @@ def test_one_epoch_writes_every_output(tiny_data, tmp_path):
     assert written["config"]["model"] == "convnet" and written["config"]["epochs"] == 1
     assert written["environment"]["versions"]["jax"] == jax.__version__
     assert (out / "curves.png").stat().st_size > 1000
-    assert (out / "checkpoints" / "1").is_dir()
+    assert (out / "checkpoints" / "5").is_dir()  # named by global step: 5 steps an epoch
 
 
 def _final_params(out):
@@ -90,8 +91,8 @@ def _final_params(out):
     step = checkpointer._manager.latest_step()
     tree, config = checkpointer.restore_tree(step, like)
     checkpointer.close()
-    assert config["model"] == "convnet" and config["epochs"] == step
-    return tree["params"], step
+    assert config["model"] == "convnet" and config["epochs"] == int(tree["epoch"])
+    return tree["params"], int(tree["epoch"])
 
 
 def test_run_killed_mid_training_resumes_to_identical_parameters(tiny_data, tmp_path):
@@ -107,13 +108,13 @@ def test_run_killed_mid_training_resumes_to_identical_parameters(tiny_data, tmp_
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (out / "checkpoints" / "1").is_dir() and time.time() < deadline:
+    while not (out / "checkpoints" / "5").is_dir() and time.time() < deadline:
         if process.poll() is not None:
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert (out / "checkpoints" / "1").is_dir()
+    assert (out / "checkpoints" / "5").is_dir()
     assert not (out / "summary.json").exists(), "the run finished before it could be killed"
 
     cifar.main(_args(tiny_data, out, "--resume", *common))
@@ -130,7 +131,16 @@ BAD_FLAGS = [
     (["--epochs", "0"], "--epochs must be positive"),
     (["--batch-size", "-4"], "--batch-size must be positive"),
     (["--learning-rate", "0"], "--learning-rate must be a positive number"),
-    (["--learning-rate", "nan"], "--learning-rate must be a positive number"),
+    (["--learning-rate", "nan"], "--learning-rate must be a finite float32 number"),
+    (["--learning-rate", "1e39"], "--learning-rate must be a finite float32 number"),
+    (["--epochs", "1e20"], "--epochs must be at most 1000000"),
+    (["--seed", str(2**64)], "--seed must lie in [0, 4294967295]"),
+    (["--batch-size", "128"], "batch size 128 is larger than the 80 training images"),
+    (["--out", ""], "--out must name a folder"),
+    (["--widths", "8", "0"], "--widths must be 2 positive integers for convnet"),
+    (["--model", "resnet9", "--widths", "8", "16"], "--widths applies to convnet and speednet"),
+    (["--runs", "0"], "--runs must be positive"),
+    (["--flip", "sideways"], "invalid choice: 'sideways'"),
     (["--momentum", "1.0"], "--momentum must lie in"),
     (["--nesterov", "--momentum", "0"], "--nesterov needs"),
     (["--model", "vgg"], "invalid choice: 'vgg'"),
@@ -139,8 +149,8 @@ BAD_FLAGS = [
     (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
     (["--batch-size", "12", "--parallel", "pmap"], "not divisible by the device count 8"),
     (["--num-devices", "9", "--parallel", "sharded"], "only 8 device(s) exist"),
-    (["--accumulate", "3"], "not divisible by --accumulate 3"),
-    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--accumulate", "3"], "--batch-size must be divisible by accumulate 3"),
+    (["--seed", "-1"], "--seed must lie in [0, 4294967295]"),
     (["--ema-decay", "1.0"], "--ema-decay must lie in [0, 1)"),
 ]
 
@@ -151,7 +161,8 @@ def test_bad_flags_exit_2_with_one_line(tiny_data, tmp_path, capsys, extra, mess
         cifar.main(["--data-dir", str(tiny_data), "--out", str(tmp_path / "o"), *extra])
     assert exited.value.code == 2
     error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and message in error_lines[0]
+    assert len(error_lines) == 1 and message in error_lines[0], error_lines
+    assert not (tmp_path / "o").exists()  # nothing written
 
 
 @pytest.mark.parametrize(
@@ -289,10 +300,19 @@ def test_diagnostics_flag_logs_and_draws(tiny_data, tmp_path):
     assert (out / "diagnostics.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("variant", ["lars", "schedule_free", "lookahead"])
+VARIANTS = {
+    "lars": ["--optimizer", "lars"],
+    "schedule_free": ["--optimizer", "schedule_free"],
+    "lookahead": ["--lookahead-period", "2"],
+    "speedrun_pieces": ["--whiten", "--whiten-images", "16", "--flip", "alternating",
+                        "--translate", "2", "--tta", "flip_shift", "--bias-scaler", "8"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_optimizers_train_from_the_command_line(tiny_data, tmp_path, variant):
     summary = cifar.main(_args(tiny_data, tmp_path / variant, "--epochs", "1",
-                               "--max-steps", "3", "--optimizer", variant))  # fmt: skip
+                               "--max-steps", "3", *VARIANTS[variant]))  # fmt: skip
     assert np.isfinite(summary["test_accuracy"])
     rows = (tmp_path / variant / "metrics.jsonl").read_text().splitlines()
     assert np.isfinite(json.loads(rows[-1])["train_loss"])
@@ -317,49 +337,103 @@ def test_speedrun_preset_runs_end_to_end_with_a_step_limit(tiny_data, tmp_path, 
     result = cifar.main([
         "--preset", "speedrun", "--data-dir", str(tiny_data), "--out", str(out),
         "--batch-size", "16", "--epochs", "1.5", "--max-steps", "2", "--runs", "2",
-        "--widths", "8", "16", "16", "--no-progress",
+        "--widths", "8", "16", "16", "--no-progress", "--whiten-images", "16",
     ])  # fmt: skip
     saved = json.loads((out / "summary.json").read_text())
     assert [run["seed"] for run in saved["runs"]] == [0, 1]
-    assert saved["steps_per_run"] == 4  # two epochs of at most 2 steps (the second partial)
+    assert saved["steps_per_run"] == 3  # ceil(1.5 epochs x 2 steps): the second epoch partial
+    assert all(run["steps"] == 3 for run in saved["runs"])
     assert 0.0 <= saved["accuracy_mean"] <= 1.0 and saved["compile_seconds"] > 0
     assert saved["config"]["epochs"] == 1.5 and saved["environment"]["versions"]["jax"]
     assert saved["config"]["widths"] == [8, 16, 16]
     assert result["accuracy_mean"] == saved["accuracy_mean"]
     assert "without compile" in capsys.readouterr().out
+    for seed in (0, 1):  # every run keeps the engine's outputs, checkpoints included
+        assert (out / f"seed-{seed}" / "checkpoints" / "3").is_dir()  # step 3, the end
+        rows = (out / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(row)["test_accuracy"] is None for row in rows] == [True, False]
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--optimizer", "adam"], "--optimizer does not apply to --preset speedrun"),
-        (["--resume"], "--resume does not apply"),
-        (["--runs", "0"], "--runs must be positive"),
-        (["--momentum", "1.5"], "momentum out of range"),
-        (["--widths", "8", "0", "16"], "widths out of range"),
+        (["--optimizer", "adam"], "--optimizer must be sgd or sgdw with whiten"),
+        (["--momentum", "1.5"], "--momentum must lie in [0, 1)"),
+        (["--widths", "8", "0", "16"], "--widths must be 3 positive integers for speednet"),
+        (["--lookahead-decay", "1.0"], "--lookahead-decay must lie in [0, 1)"),
     ],
 )
-def test_speedrun_preset_rejects_flags_that_do_not_apply(
-    tiny_data, tmp_path, capsys, extra, message
-):
+def test_speedrun_preset_checks_its_flags(tiny_data, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exited:
         cifar.main(["--preset", "speedrun", "--data-dir", str(tiny_data), "--out",
                     str(tmp_path / "o"), *extra])  # fmt: skip
     assert exited.value.code == 2
     error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and message in error_lines[0]
+    assert len(error_lines) == 1 and message in error_lines[0], error_lines
 
 
-def test_fractional_epochs_only_for_the_speedrun(tiny_data, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        cifar.main(_args(tiny_data, tmp_path / "o", "--epochs", "1.5"))
-    assert "--epochs must be a whole number" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cifar.main(_args(tiny_data, tmp_path / "o", "--runs", "2"))
-    assert "--runs applies to --preset speedrun only" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cifar.main(_args(tiny_data, tmp_path / "o", "--widths", "8", "16", "16"))
-    assert "--widths applies to --preset speedrun only" in capsys.readouterr().err
+def test_every_flag_is_a_config_field_with_its_help():
+    from sgdjax.training import Config
+
+    parser = cifar.build_parser()
+    flags = {action.dest: action for action in parser._actions}
+    for field in dataclasses.fields(Config):
+        assert flags[field.name].help == field.metadata["help"], field.name
+        assert flags[field.name].default is None  # unset flags keep the preset's value
+
+
+def test_resume_past_the_end_is_refused(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    cifar.main(_args(tiny_data, out, "--epochs", "2", "--max-steps", "1"))
+    before = (out / "summary.json").read_text()
+    with pytest.raises(SystemExit) as exited:
+        cifar.main(_args(tiny_data, out, "--epochs", "1", "--max-steps", "1", "--resume"))
+    assert exited.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "is of step 2, past this run's last step 1" in error_lines[0]
+    assert (out / "summary.json").read_text() == before
+
+
+def test_subsets_larger_than_the_data_record_what_was_used(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = cifar.main(_args(tiny_data, out, "--epochs", "1", "--max-steps", "1",
+                               "--train-subset", "1000", "--test-subset", "7"))  # fmt: skip
+    assert summary["data"]["train_examples"] == 80 and summary["data"]["test_examples"] == 7
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["data"] == summary["data"]
+    assert "train_subset=1000 is more than the 80 images there are" in capsys.readouterr().out
+
+
+def test_missing_download_is_one_line(tmp_path, capsys, monkeypatch):
+    from sgdjax import data
+
+    def offline(data_dir):
+        raise data.DataError("CIFAR-10 download needs a network or a local copy (--data-dir)")
+
+    monkeypatch.setattr(data, "load_cifar10", offline)
+    with pytest.raises(SystemExit) as exited:
+        cifar.main(["--out", str(tmp_path / "o")])
+    assert exited.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "needs a network or a local copy" in error_lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_finite_run_is_one_line_and_tells_the_truth(tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cifar.main(_args(tiny_data, tmp_path / "o", "--epochs", "1", "--learning-rate", "1e30",
+                         "--max-bad-steps", "2", "--schedule", "constant"))  # fmt: skip
+    assert exited.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "steps in a row had non-finite" in error_lines[0]
+    assert "No checkpoint was written" in error_lines[0]
+
+
+def test_fractional_epochs_end_with_a_partial_epoch(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    cifar.main(_args(tiny_data, out, "--epochs", "1.5"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["epoch"], row["step"]) for row in rows] == [(1, 5), (2, 8)]  # ceil(7.5)
 
 
 def test_lr_find_suggests_a_rate_and_plots(tiny_data, tmp_path):

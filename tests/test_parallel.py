@@ -1,5 +1,7 @@
 """Every parallel mode equals the single-device run on the whole batch (8 fake CPU devices)."""
 
+import json
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -146,3 +148,60 @@ def test_use_cpu_devices_checks_its_argument_and_the_start_up_order():
     jax.devices()  # the backends are up in the test process
     with pytest.raises(RuntimeError, match="before JAX's first computation"):
         use_cpu_devices(2)
+
+
+# ---------------------------------------------------------------- the engine, every mode
+
+
+def _engine_rows(tmp_path, name, **overrides):
+    rng = np.random.default_rng(3)
+    dataset = data.Dataset(
+        rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64),
+        rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 24),
+        tuple(str(i) for i in range(10)),
+    )  # fmt: skip
+    values = dict(widths=(4, 8), epochs=2, batch_size=16, eval_batch_size=16, crop_padding=2,
+                  tensorboard=False, checkpoint_every=0)  # fmt: skip
+    values.update(overrides)
+    config = training.Config(**values)
+    training.train_and_evaluate(config, tmp_path / name, progress=False, dataset=dataset,
+                                log=lambda line: None)  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().split()]
+    keys = ("step", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+    return [[row[key] for key in keys] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def engine_reference(tmp_path_factory):
+    return _engine_rows(tmp_path_factory.mktemp("engine"), "none")
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded", "shard_map", "zero"])
+def test_engine_in_every_mode_equals_one_device(engine_reference, tmp_path, mode):
+    rows = _engine_rows(tmp_path, mode, parallel=mode, num_devices=8)
+    np.testing.assert_allclose(rows, engine_reference, rtol=1e-5)
+
+
+def test_host_fed_batches_equal_device_resident_data(engine_reference, tmp_path):
+    rows = _engine_rows(tmp_path, "host", data_placement="host")
+    np.testing.assert_allclose(rows, engine_reference, rtol=1e-6)
+
+
+def test_engine_step_options_in_a_mode(tmp_path):
+    """EMA, SAM and accumulation run sharded to the same numbers as on one device."""
+    for options in (dict(ema_decay=0.9, sam_rho=0.05), dict(accumulate=2)):
+        one = _engine_rows(tmp_path, "one", epochs=1, **options)
+        sharded = _engine_rows(tmp_path, "sharded", epochs=1, parallel="sharded", num_devices=4,
+                               **options)  # fmt: skip
+        np.testing.assert_allclose(sharded, one, rtol=1e-5)
+        for name in ("one", "sharded"):
+            import shutil
+
+            shutil.rmtree(tmp_path / name)
+
+
+def test_one_step_per_program_on_cpu_is_decided_in_one_place():
+    assert jax.default_backend() == "cpu"
+    assert training.steps_per_program(None, 390) == 1
+    assert training.steps_per_program(8, 390) == 8
+    assert training.steps_per_program(1000, 390) == 390

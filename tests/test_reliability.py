@@ -48,7 +48,7 @@ def test_same_seed_same_metrics_and_different_seeds_differ(tmp_path):
 def test_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(tmp_path, capsys):
     dataset = _dataset()
     training.train_and_evaluate(_config(), tmp_path, progress=False, dataset=dataset)
-    newest = tmp_path / "checkpoints" / "2"
+    newest = tmp_path / "checkpoints" / "8"  # named by global step: 4 steps an epoch
     damaged = 0
     for file in newest.rglob("*"):
         if file.is_file() and file.stat().st_size > 0:
@@ -59,8 +59,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(tmp_path, cap
         _config(epochs=3), tmp_path, resume=True, progress=False, dataset=dataset
     )
     output = capsys.readouterr().out
-    assert "resuming from the checkpoint of epoch 1" in output
-    assert "skipped unreadable checkpoint(s): epoch 2" in output
+    assert "resuming from the checkpoint of step 4 (epoch 1)" in output
+    assert "moved unreadable checkpoint(s) aside: step 8" in output
     assert [row["epoch"] for row in _metrics(tmp_path)] == [1, 2, 3]
 
 

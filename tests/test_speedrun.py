@@ -1,6 +1,7 @@
-"""The speed-run recipe: whitening, init, parameter groups, augmentation, lookahead, TTA."""
+"""The speed-run pieces as engine options: whitening, groups, flips, translation, lookahead, TTA."""
 
 import dataclasses
+import json
 import math
 
 import chex
@@ -9,21 +10,43 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sgdjax import data
 from sgdjax.data import normalize
 from sgdjax.training import (
+    PRESETS,
+    Checkpointer,
+    ConfigError,
+    Engine,
+    SetupError,
     SpeedNet,
-    SpeedrunConfig,
+    TrainState,
+    Whitened,
+    _config,
+    _pipeline,
     _speednet,
-    _speedrun,
-    speedrun,
+    train_seeds,
+    tta_logits,
     whitening_kernel,
 )
 
-SMALL = dict(widths=(8, 16, 16))
+SMALL = dict(widths=(8, 16, 16), tensorboard=False)
 
 
 def _images(n=64, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def _separable(n_train=640, n_test=130, seed=0):
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (10, 3))
+
+    def make(n):
+        labels = np.arange(n) % 10
+        noise = rng.integers(-20, 21, (n, 32, 32, 3))
+        images = np.clip(colours[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+        return images, labels.astype(np.int32)
+
+    return data.Dataset(*make(n_train), *make(n_test), tuple(str(i) for i in range(10)))
 
 
 def test_whitening_kernel_decorrelates_patches():
@@ -63,17 +86,18 @@ def test_dirac_init_passes_the_input_channels_through():
 
 
 def test_network_shapes_groups_and_pooling():
-    model = SpeedNet(**SMALL)
+    model = Whitened(SpeedNet(widths=SMALL["widths"]))
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     logits = model.apply(variables, jnp.ones((3, 32, 32, 3)))
     assert logits.shape == (3, 10) and logits.dtype == jnp.float32
-    labels = _speedrun.label_params(variables["params"])
+    labels = _config.label_params(variables["params"])
     flat = {
         "/".join(k.key for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(labels)
     }
     assert flat["whiten/kernel"] == "frozen" and flat["whiten/bias"] == "whiten_bias"
-    assert flat["block1/norm1/bias"] == "norm_bias" and flat["block3/conv2/kernel"] == "other"
-    assert "block1/norm1/scale" not in flat  # BatchNorm scale frozen at 1
+    assert flat["net/block1/norm1/bias"] == "norm_bias"
+    assert flat["net/block3/conv2/kernel"] == "other"
+    assert "net/block1/norm1/scale" not in flat  # BatchNorm scale frozen at 1
     assert sorted(set(flat.values())) == ["frozen", "norm_bias", "other", "whiten_bias"]
     x = jax.random.normal(jax.random.key(2), (2, 7, 9, 3))
     np.testing.assert_array_equal(
@@ -81,22 +105,35 @@ def test_network_shapes_groups_and_pooling():
     )
 
 
+def test_any_model_can_be_whitened():
+    """The tutorial ConvNet behind the whitening layer (31 x 31 inputs to its pools)."""
+    config = dataclasses.replace(PRESETS["tutorial"], whiten=True, widths=(4, 8), epochs=1,
+                                 batch_size=16, tensorboard=False)  # fmt: skip
+    dataset = _separable(64, 16)._replace(train_images=_images(64))
+    engine = Engine(config, dataset, log=lambda line: None)
+    state = engine._initial_state(0)
+    expected = whitening_kernel(np.asarray(normalize(jnp.asarray(dataset.train_images))))
+    np.testing.assert_allclose(
+        np.abs(state.params["whiten"]["kernel"]), np.abs(expected), rtol=2e-3, atol=2e-3
+    )
+    metrics = list(engine.chunk_metrics(0))
+    assert len(metrics) == 4 and all(np.isfinite(m["loss"]) for m in metrics)
+
+
 def test_parameter_groups_follow_the_recipe_against_numpy():
-    config = SpeedrunConfig(**SMALL)
+    config = dataclasses.replace(PRESETS["speedrun"], **SMALL)
     total, per_epoch = 100, 10
-    tx = _speedrun.make_optimizer(config, total, per_epoch)
+    tx, schedule = _config.make_optimizer(config, per_epoch, total)
     params = {
         "whiten": {"kernel": jnp.full((2,), 0.5), "bias": jnp.full((2,), 0.5)},
-        "block1": {
-            "norm1": {"bias": jnp.full((2,), 0.5)},
-            "conv1": {"kernel": jnp.full((2,), 0.5)},
-        },
-    }
+        "net": {"block1": {"norm1": {"bias": jnp.full((2,), 0.5)},
+                           "conv1": {"kernel": jnp.full((2,), 0.5)}}},
+    }  # fmt: skip
     grads = jax.tree.map(jnp.ones_like, params)
     state = tx.init(params)
-    factor = _speedrun.triangle(total)
     m = config.momentum
-    lr, wd = config.sgd_hyperparameters()
+    lr, wd = _config.sgd_hyperparameters(config)
+    # airbench units: 11.5 * (1024 / 1024) / (1 + 1 / 0.15) = 1.5; 0.0153 / (1024 * 7.667)
     assert lr == pytest.approx(1.5, rel=1e-3) and wd == pytest.approx(0.0153 / 7850.67, rel=1e-4)
     for step in range(3 * per_epoch + 2):
         updates, state = tx.update(grads, state, params)
@@ -105,30 +142,52 @@ def test_parameter_groups_follow_the_recipe_against_numpy():
         if step >= 3 * per_epoch:  # the whitening bias stops after whiten_bias_epochs
             assert float(jnp.max(jnp.abs(updates["whiten"]["bias"]))) == 0.0
         if step == 0:  # Nesterov's first step: (1 + m) (g + wd p), scaled by the group's rate
-            rate = float(factor(0)) * lr
+            rate = float(schedule(0))
+            block = updates["net"]["block1"]
             np.testing.assert_allclose(
-                updates["block1"]["conv1"]["kernel"], -rate * (1 + m) * (1 + wd * 0.5), rtol=1e-6
+                block["conv1"]["kernel"], -rate * (1 + m) * (1 + wd * 0.5), rtol=1e-6
             )
             np.testing.assert_allclose(
-                updates["block1"]["norm1"]["bias"],
+                block["norm1"]["bias"],
                 -rate * config.bias_scaler * (1 + m) * (1 + wd / config.bias_scaler * 0.5),
                 rtol=1e-6,
             )
-    assert float(factor(0)) == pytest.approx(0.2)
-    assert float(factor(int(0.23 * total))) == pytest.approx(1.0)
-    assert float(factor(total)) == pytest.approx(0.07)
+    # The triangle: 0.2 of the peak at 0, the peak at int(0.23 T), 0.07 of it at T.
+    assert float(schedule(0)) == pytest.approx(0.2 * lr)
+    assert float(schedule(int(0.23 * total))) == pytest.approx(lr)
+    assert float(schedule(total)) == pytest.approx(0.07 * lr)
 
 
-def test_alternating_flips_and_translation():
-    base = jax.random.bernoulli(jax.random.key(0), 0.5, (1000,))
-    even, odd = _speedrun.alternating_flips(base, 0), _speedrun.alternating_flips(base, 1)
-    assert bool(jnp.all(even != odd))  # every image is mirrored in exactly one of two epochs
-    assert 0.4 < float(jnp.mean(even)) < 0.6
-    np.testing.assert_array_equal(_speedrun.alternating_flips(base, 2), even)
+def _augment(config_values, images, indices, epoch, key=0):
+    config = dataclasses.replace(PRESETS["tutorial"], **config_values)
+    keys = jax.random.split(jax.random.key(key), len(images))
+    return _pipeline.augment_batch(config, keys, jnp.asarray(images), jnp.asarray(indices),
+                                   jnp.int32(epoch), jax.random.key(7))  # fmt: skip
 
-    images = jnp.asarray(_images(50))
-    shifted = _speedrun.translate(jax.random.key(3), images, 2)
-    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+
+def test_alternating_flips_show_each_image_both_ways():
+    images = _images(200)  # random pixels: no image equals its mirror image
+    options = dict(flip="alternating", crop_padding=0)
+
+    def mirrored(epoch):
+        out = np.asarray(_augment(options, images, np.arange(200), epoch, key=epoch))
+        assert all(np.array_equal(o, i) or np.array_equal(o, i[:, ::-1]) for o, i in
+                   zip(out, images))  # fmt: skip
+        return np.asarray([np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images)])
+
+    first, second, third = mirrored(1), mirrored(2), mirrored(3)
+    assert bool(np.all(first != second))  # mirrored in exactly one of two epochs
+    np.testing.assert_array_equal(first, third)  # whatever the step's key
+    assert 0.35 < float(np.mean(first)) < 0.65
+    random = _augment(dict(flip="random", crop_padding=0), images, np.arange(200), 1, key=1)
+    assert 0.35 < np.mean([np.array_equal(o, i[:, ::-1]) for o, i in zip(random, images)]) < 0.65
+
+
+def test_translation_shifts_with_reflection_padding():
+    images = _images(50)
+    shifted = np.asarray(_augment(dict(flip="none", crop_padding=0, translate=2), images,
+                                  np.arange(50), 1, key=3))  # fmt: skip
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
     offsets = set()
     for i in range(50):
         found = [(dy, dx) for dy in range(5) for dx in range(5)
@@ -136,11 +195,12 @@ def test_alternating_flips_and_translation():
         assert found, i
         offsets.add(found[0])
     assert len(offsets) > 5
-    np.testing.assert_array_equal(_speedrun.translate(jax.random.key(3), images, 0), images)
+    plain = _augment(dict(flip="none", crop_padding=0), images, np.arange(50), 1)
+    np.testing.assert_array_equal(plain, images)
 
 
 def test_tta_averages_the_six_views():
-    model = SpeedNet(**SMALL)
+    model = SpeedNet(widths=SMALL["widths"])
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
@@ -148,112 +208,103 @@ def test_tta_averages_the_six_views():
     expected = sum(
         w * (model.apply(variables, v) + model.apply(variables, v[:, :, ::-1])) for v, w in views
     )
-    got = _speedrun.tta_logits(model, variables, x, tta=True)
+    got = tta_logits(model.apply, variables, x, "flip_shift")
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(
-        _speedrun.tta_logits(model, variables, x, tta=False), model.apply(variables, x)
+        tta_logits(model.apply, variables, x, "none"), model.apply(variables, x)
     )
 
 
-def _run_epoch(config, total_steps, steps, seed=0, chunk=None):
-    model = SpeedNet(**SMALL)
-    tx = _speedrun.make_optimizer(config, total_steps, steps)
-    images = jnp.asarray(_images(steps * config.batch_size))
-    labels = jnp.asarray(np.arange(len(images)) % 10, jnp.int32)
-    whiten = whitening_kernel(np.asarray(normalize(images[:8])))
-    state = _speedrun.init_state(config, model, tx, whiten, jax.random.key(seed))
-    epoch = jax.jit(_speedrun.make_train_epoch(config, model, tx, total_steps), static_argnums=7)
-    base = jax.random.bernoulli(jax.random.key(5), 0.5, (len(images),))
-    chunk = chunk or steps
-    start, losses = state, []
-    for first in range(0, steps, chunk):
-        state, metrics = epoch(state, images, labels, base, 1, jax.random.key(1), first,
-                               min(chunk, steps - first))  # fmt: skip
-        losses.append(metrics["loss"])
-    return start, (state, {"loss": jnp.concatenate(losses)})
-
-
-def test_one_step_per_call_equals_the_whole_epoch_in_one_scan():
-    config = SpeedrunConfig(batch_size=8, lookahead_period=2, **SMALL)
-    _, (whole, whole_metrics) = _run_epoch(config, total_steps=20, steps=5)
-    _, (split, split_metrics) = _run_epoch(config, total_steps=20, steps=5, chunk=2)
-    np.testing.assert_allclose(whole_metrics["loss"], split_metrics["loss"], rtol=1e-5)
-    chex.assert_trees_all_close(whole, split, rtol=1e-4, atol=1e-6)
-
-
-def test_lookahead_every_period_and_slow_weights_at_the_end():
-    config = SpeedrunConfig(batch_size=8, lookahead_period=5, **SMALL)
-    # 7 steps of a 100-step run: synchronised at step 5, not at 7.
-    start, (state, metrics) = _run_epoch(config, total_steps=100, steps=7)
-    assert int(state["step"]) == 7 and metrics["loss"].shape == (7,)
-    assert np.all(np.isfinite(metrics["loss"]))
-    chex.assert_trees_all_equal(
-        state["params"]["whiten"]["kernel"], start["params"]["whiten"]["kernel"]
+def _state_for_lookahead(slow, fast, count):
+    return TrainState(
+        step=jnp.int32(count),
+        params=fast["params"],
+        model_state={"batch_stats": fast["batch_stats"]},
+        opt_state=None,
+        rng=jax.random.key(0),
+        apply_fn=None,
+        tx=None,
+        slow={"params": slow["params"], "batch_stats": slow["batch_stats"]},
     )
-    differs = jax.tree.map(
-        lambda a, b: bool(jnp.any(a != b)), state["params"], state["slow"]["params"]
-    )
-    assert any(jax.tree.leaves(differs))
-    # A 5-step run ends on a synchronisation with decay 1: fast = slow = the slow weights.
-    _, (state, _) = _run_epoch(config, total_steps=5, steps=5)
-    chex.assert_trees_all_equal(state["params"], state["slow"]["params"])
-    chex.assert_trees_all_equal(state["batch_stats"], state["slow"]["batch_stats"])
 
 
 @pytest.mark.parametrize("count, synced", [(5, True), (7, False), (20, True), (30, True)])
 def test_lookahead_sync_against_numpy(count, synced):
     rng = np.random.default_rng(count)
     slow = {
-        "w": rng.normal(size=(3, 4)).astype(np.float32),
-        "b": rng.normal(size=5).astype(np.float32),
+        "params": rng.normal(size=(3, 4)).astype(np.float32),
+        "batch_stats": rng.normal(size=5).astype(np.float32),
     }
     fast = jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(np.float32), slow)
     total = 30
-    new_slow, new_fast = _speedrun.lookahead_sync(slow, fast, jnp.int32(count), total, 5)
+    state = _pipeline.lookahead_sync(_state_for_lookahead(slow, fast, count), total, period=5,
+                                     decay=0.95**5, power=3.0)  # fmt: skip
     decay = 1.0 if count == total else 0.95**5 * (count / total) ** 3
+    got_fast = {"params": state.params, "batch_stats": state.model_state["batch_stats"]}
     for name in slow:
         s, f = slow[name].astype(np.float64), fast[name].astype(np.float64)
         want_slow = s + (1 - decay) * (f - s) if synced else s
-        np.testing.assert_allclose(new_slow[name], want_slow, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(new_fast[name], want_slow if synced else f, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state.slow[name], want_slow, rtol=1e-5, atol=1e-6)
+        want_fast = want_slow if synced else f
+        np.testing.assert_allclose(got_fast[name], want_fast, rtol=1e-5, atol=1e-6)
 
 
-def test_speedrun_learns_separable_data_and_reports_times():
-    rng = np.random.default_rng(0)
-    colours = rng.integers(0, 256, (10, 3))
+def _speed_config(**overrides):
+    values = dict(batch_size=64, epochs=4, whiten_bias_epochs=1, eval_batch_size=64,
+                  whiten_images=64, **SMALL)  # fmt: skip
+    values.update(overrides)
+    return dataclasses.replace(PRESETS["speedrun"], **values)
 
-    def make(n):
-        labels = np.arange(n) % 10
-        noise = rng.integers(-20, 21, (n, 32, 32, 3))
-        return np.clip(colours[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8), labels
 
-    train_x, train_y = make(640)
-    test_x, test_y = make(130)  # not a multiple of the evaluation batch: padded and masked
-    config = SpeedrunConfig(batch_size=64, epochs=4, whiten_bias_epochs=1, eval_batch_size=64,
-                            **SMALL)  # fmt: skip
+def test_speedrun_learns_separable_data_and_reports_times(tmp_path):
     lines = []
-    result = speedrun(config, train_x, train_y, test_x, test_y, runs=2, log=lines.append)
-    # One program per epoch gives the same numbers as one per step (the CPU default).
-    whole = speedrun(config, train_x, train_y, test_x, test_y, steps_per_call=100,
-                     log=lambda line: None)  # fmt: skip
-    assert whole["runs"][0]["accuracy"] == pytest.approx(result["runs"][0]["accuracy"], abs=0.02)
+    result = train_seeds(_speed_config(), tmp_path, runs=2, dataset=_separable(),
+                         progress=False, log=lines.append)  # fmt: skip
     assert [run["seed"] for run in result["runs"]] == [0, 1]
     assert result["steps_per_run"] == 40 and all(run["steps"] == 40 for run in result["runs"])
     assert result["accuracy_mean"] > 0.75, result["runs"]  # chance: 0.1
     assert result["compile_seconds"] > 0 and result["seconds_mean"] > 0
     assert math.isfinite(result["accuracy_std"]) and math.isfinite(result["seconds_std"])
-    assert len(lines) == 3 and "compiled" in lines[0]
+    assert result["data"] == {"train_examples": 640, "test_examples": 130}  # 130: padded, masked
+    assert "compiled" in lines[0] and sum(line.startswith("run ") for line in lines) == 2
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["accuracy_mean"] == result["accuracy_mean"]
+
+
+def test_a_whole_epoch_per_program_equals_one_step_per_program(tmp_path):
+    """The chunking does not change the numbers; lookahead ends on the slow weights."""
+    dataset = _separable(160, 40)
+    rows, states = {}, {}
+    for name, per_call in (("one", 1), ("epoch", None), ("three", 3)):
+        config = _speed_config(batch_size=32, epochs=2, steps_per_call=per_call or 5,
+                               checkpoint_every=1)  # fmt: skip
+        engine = Engine(config, dataset, log=lambda line: None)
+        engine.run(0, tmp_path / name, progress=False)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [json.loads(line) for line in lines]
+        checkpoints = Checkpointer(tmp_path / name / "checkpoints")
+        states[name] = checkpoints.restore_latest(engine._like)[0]
+        checkpoints.close()
+    for name in ("epoch", "three"):
+        for a, b in zip(rows["one"], rows[name]):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert rows["one"][-1]["test_loss"] == pytest.approx(rows[name][-1]["test_loss"], rel=1e-4)
+        chex.assert_trees_all_close(states["one"].params, states[name].params, rtol=1e-3,
+                                    atol=1e-4)  # fmt: skip
+    final = states["one"]  # step 10 = T: synchronised with decay 1, fast = slow
+    assert int(final.step) == 10
+    chex.assert_trees_all_equal(final.params, final.slow["params"])
+    chex.assert_trees_all_equal(final.model_state["batch_stats"], final.slow["batch_stats"])
 
 
 def test_widths_from_a_list_become_a_tuple():
-    assert SpeedrunConfig(widths=[8, 16, 16]).widths == (8, 16, 16)
+    assert dataclasses.replace(PRESETS["speedrun"], widths=[8, 16, 16]).widths == (8, 16, 16)
 
 
 def test_speedrun_rejects_bad_settings():
-    with pytest.raises(ValueError, match="momentum"):
-        SpeedrunConfig(momentum=1.0)
-    with pytest.raises(ValueError, match="epochs"):
-        SpeedrunConfig(epochs=0)
-    with pytest.raises(ValueError, match="larger than the 8 training"):
-        speedrun(dataclasses.replace(SpeedrunConfig(**SMALL), batch_size=16),
-                 _images(8), np.zeros(8, int), _images(4), np.zeros(4, int))  # fmt: skip
+    with pytest.raises(ConfigError, match="momentum"):
+        dataclasses.replace(PRESETS["speedrun"], momentum=1.0)
+    with pytest.raises(ConfigError, match="epochs"):
+        dataclasses.replace(PRESETS["speedrun"], epochs=0)
+    with pytest.raises(SetupError, match="larger than the 8 training"):
+        Engine(_speed_config(batch_size=16), _separable(8, 4), log=lambda line: None)

@@ -161,7 +161,7 @@ def test_flip_tta_averages_the_mirror_image():
     state = _state(training.ConvNet())
     batch = _batch(6)
     plain = training.make_eval_step(jit=False)
-    tta = training.make_eval_step(flip_tta=True)
+    tta = training.make_eval_step(tta="flip")
     mirrored = dict(batch, image=batch["image"][:, :, ::-1])
     both = tta(state, batch)
     # the averaged logits are symmetric in the flip: the mirrored batch scores the same

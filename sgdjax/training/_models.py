@@ -9,15 +9,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sgdjax.training._speednet import SpeedNet
+
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max pooling with stride 2 on NHWC, written as a reshape and a max.
 
-    Equal to ``nn.max_pool(x, (2, 2), (2, 2))`` for even sizes. Its gradient is a
-    plain masked broadcast, which XLA's CPU backend runs much faster than the
-    select-and-scatter it emits for ``nn.max_pool``'s gradient.
+    Equal to ``nn.max_pool(x, (2, 2), (2, 2))`` (an odd last row or column is dropped,
+    as there). Its gradient is a plain masked broadcast, which XLA's CPU backend runs
+    much faster than the select-and-scatter it emits for ``nn.max_pool``'s gradient.
     """
     n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2, :]
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
@@ -65,18 +68,20 @@ class ConvNet(nn.Module):
 
     Attributes:
       num_classes: outputs of the classifier.
+      widths: channels of the two convolutions.
       dtype: compute dtype (parameters stay float32).
       bn_axis_name: a mapped axis to average BatchNorm statistics over (``pmap``).
     """
 
     num_classes: int = 10
+    widths: Sequence[int] = (32, 64)
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = x.astype(self.dtype)
-        for features in (32, 64):
+        for features in self.widths:
             x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype)(x)
             x = _batch_norm(train, self.dtype, self.bn_axis_name)(x)
             x = max_pool_2x2(nn.relu(x))
@@ -173,11 +178,17 @@ class ResNet18(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-MODELS = {"convnet": ConvNet, "resnet9": ResNet9, "resnet18": ResNet18}
+MODELS = {"convnet": ConvNet, "resnet9": ResNet9, "resnet18": ResNet18, "speednet": SpeedNet}
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """The model called ``name`` (one of ``MODELS``), with its attributes set."""
+def create_model(name: str, *, widths: Sequence[int] | None = None, **kwargs) -> nn.Module:
+    """The model called ``name`` (one of ``MODELS``), with its attributes set.
+
+    ``widths`` (channels per stage) applies to ``convnet`` and ``speednet``; ``None``
+    keeps the model's default.
+    """
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    if widths is not None:
+        kwargs["widths"] = tuple(widths)
     return MODELS[name](**kwargs)

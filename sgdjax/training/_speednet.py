@@ -101,6 +101,7 @@ class _Block(nn.Module):
     features: int
     bn_momentum: float
     dtype: jnp.dtype
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -110,6 +111,7 @@ class _Block(nn.Module):
             return nn.BatchNorm(
                 use_running_average=not train, momentum=1.0 - self.bn_momentum, epsilon=1e-12,
                 use_scale=False, dtype=self.dtype, name=name,
+                axis_name=self.bn_axis_name if train else None,
             )  # fmt: skip
 
         def conv(name):
@@ -125,7 +127,8 @@ class _Block(nn.Module):
 
 
 class SpeedNet(nn.Module):
-    """whiten(2x2, frozen) -> GELU -> 3 blocks -> global max-pool -> linear / 9.
+    """3 blocks -> global max-pool -> linear / 9 (airbench94's body; whiten it with
+    :class:`Whitened`, as the ``speedrun`` preset does).
 
     Attributes:
       widths: channels of the three blocks.
@@ -133,6 +136,7 @@ class SpeedNet(nn.Module):
       bn_momentum: torch-style BatchNorm momentum (weight of the new batch).
       scaling_factor: multiplies the logits.
       dtype: compute dtype (bfloat16 on accelerators); parameters stay float32.
+      bn_axis_name: a mapped axis to average BatchNorm statistics over (``pmap``).
     """
 
     widths: Sequence[int] = (64, 256, 256)
@@ -140,19 +144,39 @@ class SpeedNet(nn.Module):
     bn_momentum: float = 0.6
     scaling_factor: float = 1.0 / 9.0
     dtype: jnp.dtype = jnp.float32
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         x = x.astype(self.dtype)
-        x = nn.Conv(
-            2 * WHITEN_PATCH * WHITEN_PATCH * 3, (WHITEN_PATCH, WHITEN_PATCH), padding="VALID",
-            dtype=self.dtype, name="whiten",
-        )(x)  # fmt: skip
-        x = nn.gelu(x, approximate=False)
         for index, width in enumerate(self.widths):
-            x = _Block(width, self.bn_momentum, self.dtype, name=f"block{index + 1}")(
-                x, train=train
-            )
+            x = _Block(width, self.bn_momentum, self.dtype, self.bn_axis_name,
+                       name=f"block{index + 1}")(x, train=train)  # fmt: skip
         x = jnp.max(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, name="head")(x)
         return (x * self.scaling_factor).astype(jnp.float32)
+
+
+class Whitened(nn.Module):
+    """whiten(2x2 conv, VALID, 24 filters) -> GELU -> ``net``: any model, whitened.
+
+    The whitening kernel is set from the training data after ``init`` (see
+    :func:`whitening_kernel`; the engine does it when ``Config.whiten`` is set) and
+    kept fixed by the optimizer's ``frozen`` group; its bias trains. The output is one
+    pixel smaller than the input (31 x 31 for CIFAR).
+
+    Attributes:
+      net: the model behind the whitening layer, called as ``net(x, train=...)``.
+      dtype: compute dtype of the whitening convolution.
+    """
+
+    net: nn.Module
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        x = nn.Conv(
+            2 * WHITEN_PATCH * WHITEN_PATCH * 3, (WHITEN_PATCH, WHITEN_PATCH), padding="VALID",
+            dtype=self.dtype, name="whiten",
+        )(x.astype(self.dtype))  # fmt: skip
+        return self.net(nn.gelu(x, approximate=False), train=train)

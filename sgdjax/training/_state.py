@@ -23,10 +23,14 @@ class TrainState:
       params: the model parameters.
       model_state: the model's other collections, e.g. ``{"batch_stats": ...}``.
       opt_state: the optimizer state.
-      rng: the PRNG key that the next step splits for its randomness.
+      rng: the run's training key, fixed for the whole run: step ``t`` draws its
+        randomness from ``fold_in(rng, t)``, so every step's keys are functions of
+        the seed and the step alone (a resumed run draws exactly the same ones).
       ema: ``None``, or an :class:`sgdjax.EmaState` averaging
         ``{"params": params, **model_state}`` (kept by steps built with
         ``ema_decay``), so the averaged model has matching BatchNorm statistics.
+      slow: ``None``, or lookahead's slow copy of ``{"params": params, **model_state}``
+        (see ``Config.lookahead_period``).
       apply_fn: the model's ``apply`` (static, not part of the pytree).
       tx: the gradient transformation (static).
     """
@@ -39,6 +43,7 @@ class TrainState:
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     ema: EmaState | None = None
+    slow: Any = None
 
     def averaged(self, decay: float, *, debias: bool = True) -> TrainState:
         """This state with the moving averages in place of parameters and model state.
@@ -63,6 +68,7 @@ class TrainState:
         rng: jax.Array,
         sample_input: jax.Array,
         ema: bool = False,
+        slow: bool = False,
     ) -> TrainState:
         """Initialises the model's variables and the optimizer state.
 
@@ -73,6 +79,7 @@ class TrainState:
           sample_input: a batch of the input shape (its values are not used).
           ema: also start a moving average of the parameters and model state
             (see ``make_train_step(ema_decay=...)``).
+          slow: also keep lookahead's slow copy of the parameters and model state.
 
         Returns:
           A new :class:`TrainState` at step 0.
@@ -90,4 +97,5 @@ class TrainState:
             apply_fn=model.apply,
             tx=tx,
             ema=ema_init({"params": params, **model_state}) if ema else None,
+            slow={"params": params, **model_state} if slow else None,
         )

@@ -53,6 +53,25 @@ def _augment_per_example(augment_fn: AugmentFn, keys: jax.Array, images: jax.Arr
     return jax.vmap(lambda key, image: augment_fn(key, image[None])[0])(keys, images)
 
 
+def example_keys(step_key: jax.Array, local: int, axis_name: str | None = None) -> jax.Array:
+    """One key per example of this device's ``local`` examples.
+
+    The keys are ``split(step_key, global_batch)`` sliced at this device's offset
+    along ``axis_name``, so an example's key does not depend on how the batch is
+    split over devices.
+    """
+    if axis_name is None:
+        return jax.random.split(step_key, local)
+    total = jax.lax.psum(local, axis_name)
+    keys = jax.random.split(step_key, total)
+    return jax.lax.dynamic_slice_in_dim(keys, jax.lax.axis_index(axis_name) * local, local)
+
+
+def step_key(state: TrainState) -> jax.Array:
+    """The key of the step ``state`` is about to take: ``fold_in(state.rng, state.step)``."""
+    return jax.random.fold_in(state.rng, state.step)
+
+
 def find_learning_rate(opt_state: Any) -> jax.Array | None:
     """The ``learning_rate`` hyperparameter stored by ``inject_hyperparams``, if any."""
     injected = find_state(
@@ -78,8 +97,9 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the pure training step ``(state, batch) -> (state, metrics)``.
 
-    One step: split ``state.rng``; augment each example with its own key (so the
-    randomness does not depend on how the batch is split over devices); normalize;
+    One step: derive the step's key ``fold_in(state.rng, state.step)``; augment each
+    example with its own key (so the randomness does not depend on how the batch is
+    split over devices, see :func:`example_keys`); normalize;
     forward and backward with the model state (BatchNorm statistics) mutable; average
     gradients over ``axis_name`` when mapped; ``state.tx.update``; apply the updates.
 
@@ -137,17 +157,9 @@ def make_train_step(
         return loss, correct, grads, new_model_state
 
     def train_step(state: TrainState, batch: Batch):
-        rng, step_key = jax.random.split(state.rng)
         images, labels = batch["image"], batch["label"]
         if augment_fn is not None:
-            local = images.shape[0]
-            if axis_name is None:
-                keys = jax.random.split(step_key, local)
-            else:
-                total = jax.lax.psum(local, axis_name)
-                keys = jax.random.split(step_key, total)
-                start = jax.lax.axis_index(axis_name) * local
-                keys = jax.lax.dynamic_slice_in_dim(keys, start, local)
+            keys = example_keys(step_key(state), images.shape[0], axis_name)
             images = _augment_per_example(augment_fn, keys, images)
         images = preprocess_fn(images)
 
@@ -213,7 +225,6 @@ def make_train_step(
             params=params,
             model_state=model_state,
             opt_state=opt_state,
-            rng=rng,
             ema=ema,
         )
         return new_state, metrics
@@ -262,27 +273,53 @@ def make_multi_step(
     return jax.jit(multi_step, donate_argnums=(0,) if donate else ())
 
 
+TTA_MODES = ("none", "flip", "flip_shift")
+
+
+def tta_logits(apply_fn: Callable, variables: Any, images: jax.Array, tta: str) -> jax.Array:
+    """Logits of ``images``, averaged over test-time views.
+
+    ``"none"``: the image. ``"flip"``: the mean of the image's and its mirror image's
+    logits. ``"flip_shift"`` (airbench94's): ``flip`` of the image (weight 1/2) and of
+    its one-pixel shifts up-left and down-right with reflection padding (1/4 each).
+    """
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+
+    def plain(x):
+        return apply_fn(variables, x, train=False)
+
+    def both(x):
+        return 0.5 * (plain(x) + plain(x[:, :, ::-1, :]))
+
+    if tta == "none":
+        return plain(images)
+    if tta == "flip":
+        return both(images)
+    padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    up_left, down_right = padded[:, :-2, :-2, :], padded[:, 2:, 2:, :]
+    return 0.5 * both(images) + 0.25 * both(up_left) + 0.25 * both(down_right)
+
+
 def make_eval_step(
     *,
     preprocess_fn: Callable[[jax.Array], jax.Array] = default_preprocess,
-    flip_tta: bool = False,
+    tta: str = "none",
     jit: bool = True,
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Builds ``eval_step(state, batch) -> sums`` with running BatchNorm statistics.
 
     The batch may carry a ``"mask"`` (1 for real examples, 0 for padding). The
-    returned ``loss_sum``, ``correct`` and ``count`` add up over batches. With
-    ``flip_tta`` the logits are the mean of the image's and its mirror image's
-    (horizontal-flip test-time augmentation).
+    returned ``loss_sum``, ``correct`` and ``count`` add up over batches. ``tta``
+    picks the test-time views (see :func:`tta_logits`).
     """
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
 
     def eval_step(state: TrainState, batch: Batch):
         images = preprocess_fn(batch["image"])
         variables = {"params": state.params, **state.model_state}
-        logits = state.apply_fn(variables, images, train=False)
-        if flip_tta:
-            mirrored = state.apply_fn(variables, images[:, :, ::-1, :], train=False)
-            logits = 0.5 * (logits + mirrored)
+        logits = tta_logits(state.apply_fn, variables, images, tta)
         labels = batch["label"]
         mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32))
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))

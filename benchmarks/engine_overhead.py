@@ -1,0 +1,138 @@
+"""Host overhead: the training engine against the host-fed loop it replaced, same run.
+
+    python benchmarks/engine_overhead.py --steps 60 --repeats 5 --out runs/engine_overhead.json
+
+Both train the tutorial preset's ConvNet (batch 64, flips, Nesterov SGD, one-cycle)
+on the same synthetic CIFAR-sized uint8 data, once at the preset's widths (32, 64)
+and once narrow (4, 8), where a step's compute is small and the host's work per step
+(batch gathering and transfer, dispatch, waiting for the metrics) dominates.
+
+"host loop" is the per-step pattern of the loop the engine replaced (kept here, and
+only here, for this comparison): numpy batches gathered on the host, moved to the
+device, one jitted step, then the metrics and the skip counter read back as numpy
+before the next step. "engine" is ``sgdjax.training.Engine``: the data on the device,
+gathering, flips and normalization inside the compiled program, the metrics read once
+per chunk, one chunk late. Rounds alternate the two in a shuffled order; the table
+gives the median images/s over rounds (compile time excluded for both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import time
+
+import numpy as np
+from _common import environment, print_table, round_orders, summarize, write_json
+
+
+def _dataset(count: int, seed: int = 0):
+    from sgdjax import data
+
+    rng = np.random.default_rng(seed)
+    return data.Dataset(
+        rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, count).astype(np.int32),
+        rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, 256).astype(np.int32),
+        tuple(str(i) for i in range(10)),
+    )
+
+
+def host_loop_runner(config, dataset, steps: int):
+    """The replaced loop's per-step pattern, ``steps`` steps per call."""
+    import jax
+    import jax.numpy as jnp
+
+    from sgdjax import data, training
+
+    tx, schedule = training.make_optimizer(config, steps)
+    model = training.create_model(config.model, widths=config.widths)
+    state = training.TrainState.create(
+        model=model, tx=tx, rng=jax.random.key(0), sample_input=jnp.zeros((1, 32, 32, 3))
+    )
+    flips = functools.partial(data.augment, padding=config.crop_padding)
+    parallel = training.make_parallel_train_step(
+        "none", augment_fn=flips, learning_rate_fn=schedule
+    )
+    holder = {"state": parallel.place_state(state), "epoch": 0}
+
+    def run():
+        holder["epoch"] += 1
+        batches = data.batches(dataset.train_images, dataset.train_labels, config.batch_size,
+                               seed=0, epoch=holder["epoch"])  # fmt: skip
+        for index, batch in enumerate(batches):
+            if index >= steps:
+                break
+            holder["state"], metrics = parallel.step(holder["state"], parallel.place_batch(batch))
+            jax.tree.map(lambda x: np.ravel(np.asarray(x))[0], metrics)  # waits
+            int(np.ravel(np.asarray(holder["state"].opt_state.consecutive_skipped))[0])
+
+    return run
+
+
+def engine_runner(config, dataset, steps: int):
+    """The engine's epoch loop over ``steps`` steps per call (compiled when built)."""
+    from sgdjax import training
+
+    engine = training.Engine(dataclasses.replace(config, max_steps=steps), dataset,
+                             log=lambda line: None)  # fmt: skip
+    state = engine._initial_state(0)
+    holder = {"placed": engine.placement.place_state(state), "epoch": 0}
+    rng = training._engine._kept(state.rng)
+
+    def run():
+        holder["epoch"] = holder["epoch"] % len(engine.plan.epoch_steps) + 1
+        holder["placed"], _ = engine.train_epoch(holder["placed"], rng, holder["epoch"],
+                                                 lambda steps, totals: None)  # fmt: skip
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="steps per timed call")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
+    parser.add_argument("--images", type=int, default=8192, help="synthetic training images")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="a few steps (a smoke test)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats, args.images = 4, 1, 512
+    if args.steps <= 0 or args.repeats <= 0 or args.images < 64 * args.steps:
+        parser.error("need --steps > 0, --repeats > 0 and --images >= 64 * --steps")
+
+    from sgdjax import training
+
+    dataset = _dataset(args.images)
+    results, rows = {}, []
+    for variant, widths in (("preset (32, 64)", (32, 64)), ("narrow (4, 8)", (4, 8))):
+        config = dataclasses.replace(training.PRESETS["tutorial"], widths=widths,
+                                     tensorboard=False)  # fmt: skip
+        runners = {"host loop": host_loop_runner(config, dataset, args.steps),
+                   "engine": engine_runner(config, dataset, args.steps)}  # fmt: skip
+        for run in runners.values():  # compile and warm up
+            run()
+            run()
+        seconds = {name: [] for name in runners}
+        for order in round_orders(list(runners), args.repeats):
+            for name in order:
+                start = time.perf_counter()
+                runners[name]()
+                seconds[name].append(time.perf_counter() - start)
+        images = args.steps * config.batch_size
+        stats = {name: summarize(values) for name, values in seconds.items()}
+        rate = {name: images / stats[name]["median"] for name in runners}
+        results[variant] = {"seconds": stats, "images_per_second": rate}
+        rows.append([variant, f"{rate['host loop']:.0f}", f"{rate['engine']:.0f}",
+                     f"{rate['engine'] / rate['host loop']:.2f}x"])  # fmt: skip
+    print_table(["ConvNet", "host loop img/s", "engine img/s", "engine / host loop"], rows)
+    payload = {"environment": environment(), "steps": args.steps, "repeats": args.repeats,
+               "batch_size": 64, "results": results}  # fmt: skip
+    write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""What a run records besides its state: the environment, curves and diagnostics plots."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+def environment() -> dict[str, Any]:
+    """Hardware, package versions and the git commit, for the run's summary."""
+    versions = {}
+    for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "sgdjax", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).resolve().parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    devices = jax.devices()
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "commit": commit,
+    }
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Training and test loss and accuracy per epoch, into ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    tested = [row for row in history if row.get("test_accuracy") is not None]
+    test_epochs = [row["epoch"] for row in tested]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot(epochs, [row["train_loss"] for row in history], "o-", label="train")
+    loss_axis.plot(test_epochs, [row["test_loss"] for row in tested], "o-", label="test")
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    accuracy_axis.plot(epochs, [row["train_accuracy"] for row in history], "o-", label="train")
+    accuracy_axis.plot(test_epochs, [row["test_accuracy"] for row in tested], "o-", label="test")
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> None:
+    """Global and per-layer optimizer diagnostics per epoch, into ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    names = ["grad_norm", "update_ratio", "effective_learning_rate", "clipped_fraction"]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in names:
+        axes[0].plot(epochs, [row["diagnostics"][name] for row in history], "o-", label=name)
+    axes[0].set(xlabel="epoch", yscale="log", title="global (last step of each epoch)")
+    layers = sorted(k for k in history[-1]["diagnostics"] if k.startswith("update_ratio/"))
+    for name in layers:
+        values = [row["diagnostics"][name] for row in history]
+        axes[1].plot(epochs, values, "o-", label=name.split("/", 1)[1])
+    axes[1].set(xlabel="epoch", yscale="log", title="update / parameter norm, per layer")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
