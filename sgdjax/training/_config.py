@@ -25,6 +25,7 @@ from sgdjax import schedules
 OPTIMIZERS = ("sgd", "sgdw", "lars", "schedule_free", "adam", "adamw", "nadam", "adagrad")
 SCHEDULES = ("constant", "cosine", "onecycle", "triangle", "step", "multistep", "exponential")
 MODEL_NAMES = ("convnet", "resnet9", "resnet18", "speednet")
+APIS = ("linen", "nnx")
 PARALLEL_MODES = ("none", "pmap", "sharded", "shard_map", "zero")
 FLIPS = ("none", "random", "alternating")
 TTA_MODES = ("none", "flip", "flip_shift")
@@ -59,6 +60,10 @@ class Config:
 
     # ------------------------------------------------------------ model
     model: str = _field("convnet", "network", choices=MODEL_NAMES)
+    api: str = _field(
+        "linen", "Flax API of the model: linen, or nnx (convnet's NNX twin, same initial weights)",
+        choices=APIS,
+    )  # fmt: skip
     widths: tuple[int, ...] | None = _field(
         None, "channels per stage (convnet: 2 values, default 32 64; speednet: 3, 64 256 256)"
     )
@@ -258,6 +263,9 @@ def _check(config: Config) -> None:
             len(config.widths) == expected and all(_is_int(w) and w > 0 for w in config.widths),
             "widths", f"must be {expected} positive integers for {config.model}",
         )  # fmt: skip
+    if config.api == "nnx" and (config.model != "convnet" or config.whiten):
+        raise ConfigError("api", f"nnx applies to convnet without whiten, not {config.model}"
+                          f"{' with whiten' if config.whiten else ''}")  # fmt: skip
     if config.optimizer in ("sgd", "sgdw", "lars") and config.nesterov:
         if config.momentum == 0 or (config.optimizer != "lars" and config.dampening != 0):
             raise ConfigError(

@@ -47,6 +47,7 @@ from sgdjax.parallel import (
 from sgdjax.training import _checkpoint, _report
 from sgdjax.training._config import Config, make_optimizer
 from sgdjax.training._models import create_model
+from sgdjax.training._nnx import nnx_convnet_like
 from sgdjax.training._parallel import Placement, make_placement, needs_bn_axis
 from sgdjax.training._pipeline import augment_batch, epoch_order, lookahead_sync, run_keys
 from sgdjax.training._preemption import Preempted, PreemptionGuard
@@ -350,6 +351,8 @@ class Engine:
             dtype=jnp.bfloat16 if config.bf16 else jnp.float32,
             bn_axis_name=DATA_AXIS if needs_bn_axis(config.parallel) else None,
         )
+        if config.api == "nnx":  # the same network and initial weights, run through NNX
+            return nnx_convnet_like(model)
         return Whitened(model, dtype=model.dtype) if config.whiten else model
 
     def _place_data(self, train_images, train_labels, test_images, test_labels):
