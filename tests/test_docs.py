@@ -157,3 +157,16 @@ def test_docstring_examples(name):
 
     result = doctest.testmod(module, extraglobs={"jnp": jnp}, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def test_the_flag_reference_is_generated_from_the_parser():
+    spec = importlib.util.spec_from_file_location("make_flags", ROOT / "docs" / "make_flags.py")
+    make_flags = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_flags)
+    page = (ROOT / "docs" / "flags.md").read_text()
+    stale = "docs/flags.md is stale: run python docs/make_flags.py"
+    assert page == make_flags.generated_text(), stale
+    parser = make_flags.load_cifar_script().build_parser()
+    for action in parser._actions:
+        for flag in action.option_strings:
+            assert flag in ("-h", "--help") or f"`{flag}`" in page, flag
