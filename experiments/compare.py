@@ -9,6 +9,14 @@ settings is reused, so an interrupted comparison continues where it stopped and
 more optimizers can be added later. Writes compare.json (per-run curves and
 final accuracy), compare.md (test accuracy over seeds: mean, standard deviation,
 min and max) and compare.png (mean test accuracy per epoch).
+
+    python experiments/compare.py --full-batch --train-subset 2000 --epochs 5 --out runs/fb
+
+``--full-batch`` compares minibatch SGD (the preset's optimizer and batch size)
+with full-batch gradient descent on the whole training subset per step, at the
+same number of epochs and at the same number of steps (gradient evaluations);
+no augmentation in any of the three. Its table is compare.md, its plot of train
+loss and test accuracy against steps compare.png.
 """
 
 from __future__ import annotations
@@ -108,6 +116,88 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
     plt.close(figure)
 
 
+# ---------------------------------------------------------------- full batch against minibatch
+
+# No augmentation in any of the three runs: full-batch gradient descent then sees
+# the same gradient of the same loss every epoch, and the runs differ only in the
+# batch they average the gradient over.
+NO_AUGMENTATION = dict(flip="none", crop_padding=0, translate=0)
+
+
+def full_batch_runs(batch_size: int, epochs: int, train_subset: int) -> dict[str, dict]:
+    """name -> config overrides: minibatch SGD and full-batch gradient descent twice.
+
+    ``minibatch``: ``epochs`` epochs of ``batch_size``, ``S = epochs * (N // batch_size)``
+    steps. ``full_batch_epochs``: the whole subset (``N`` examples) per step for the
+    same epochs (``epochs`` steps, the same examples processed). ``full_batch_steps``:
+    the whole subset per step for the same ``S`` steps (gradient evaluations), that
+    is ``S`` epochs and ``N // batch_size`` times the examples processed. Evaluation
+    and checkpoints fall at the same step counts as the minibatch run's epochs.
+    """
+    steps_per_epoch = train_subset // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"--train-subset {train_subset} is smaller than the batch size {batch_size}"
+        )
+    steps = epochs * steps_per_epoch
+    return {
+        "minibatch": dict(NO_AUGMENTATION, batch_size=batch_size, epochs=epochs),
+        "full_batch_epochs": dict(NO_AUGMENTATION, batch_size=train_subset, epochs=epochs),
+        "full_batch_steps": dict(NO_AUGMENTATION, batch_size=train_subset, epochs=steps,
+                                 eval_every=steps_per_epoch, checkpoint_every=0),
+    }  # fmt: skip
+
+
+def full_batch_table(runs: dict[str, dict[int, dict]]) -> str:
+    """Markdown: per run its batch, steps, examples processed and the scores over seeds."""
+    lines = [
+        "| run | batch | steps (gradient evaluations) | examples processed | epochs "
+        "| final train loss | test accuracy, mean ± std | wall s / run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        config = by_seed[seeds[0]]["config"]
+        steps = by_seed[seeds[0]]["history"][-1]["step"]
+        accuracies = [by_seed[seed]["test_accuracy"] for seed in seeds]
+        losses = [by_seed[seed]["history"][-1]["train_loss"] for seed in seeds]
+        seconds = [by_seed[seed]["wall_seconds"] for seed in seeds]
+        spread = f" ± {100 * statistics.stdev(accuracies):.2f}" if len(seeds) > 1 else ""
+        lines.append(
+            f"| {name} | {config['batch_size']} | {steps} | {steps * config['batch_size']} "
+            f"| {config['epochs']:g} | {statistics.fmean(losses):.4f} "
+            f"| {100 * statistics.fmean(accuracies):.2f}{spread} "
+            f"| {statistics.fmean(seconds):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_against_steps(runs: dict[str, dict[int, dict]], path: Path) -> None:
+    """Training loss and test accuracy against steps (gradient evaluations), seed by seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, by_seed in runs.items():
+        for seed, run in sorted(by_seed.items()):
+            label = name if len(by_seed) == 1 else f"{name}, seed {seed}"
+            rows = run["history"]
+            loss_axis.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], label=label)
+            tested = [r for r in rows if r.get("test_accuracy") is not None]
+            accuracy_axis.plot([r["step"] for r in tested],
+                               [r["test_accuracy"] for r in tested], "o-", label=label)  # fmt: skip
+    loss_axis.set(xlabel="step (gradient evaluations)", ylabel="train loss", xscale="log")
+    accuracy_axis.set(xlabel="step (gradient evaluations)", ylabel="test accuracy", xscale="log")
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def _finished(folder: Path, config_dict: dict, defaults: dict) -> dict | None:
     """The saved run in ``folder`` if it finished with exactly these settings.
 
@@ -130,7 +220,13 @@ def _finished(folder: Path, config_dict: dict, defaults: dict) -> dict | None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS,
+                        help="the contenders (default: all)")  # fmt: skip
+    parser.add_argument(
+        "--full-batch", action="store_true",
+        help="instead of optimizers: the preset's minibatch SGD beside full-batch gradient "
+        "descent at the same epochs and at the same steps (needs --train-subset)",
+    )  # fmt: skip
     parser.add_argument("--preset", default="tutorial", choices=["tutorial", "resnet9"])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int)
@@ -151,6 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--epochs must be positive, got {args.epochs}")
     if any(seed < 0 for seed in args.seeds):
         parser.error(f"--seeds must be >= 0, got {args.seeds}")
+    if args.full_batch and args.optimizers:
+        parser.error("--full-batch runs the preset's own optimizer: drop --optimizers")
+    if args.full_batch and not args.train_subset:
+        parser.error("--full-batch needs --train-subset N (the batch of gradient descent)")
     if args.host_devices is not None:
         from sgdjax.parallel import use_cpu_devices
 
@@ -169,14 +269,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     defaults = json.loads(json.dumps(dataclasses.asdict(Config())))
     out = Path(args.out)
-    runs: dict[str, dict[int, dict]] = {name: {} for name in args.optimizers}
+    if args.full_batch:
+        batch_size = args.batch_size or PRESETS[args.preset].batch_size
+        try:
+            contenders = full_batch_runs(batch_size, args.epochs, args.train_subset)
+        except ValueError as error:
+            parser.error(str(error))
+    else:
+        batch = {"batch_size": args.batch_size} if args.batch_size else {}
+        contenders = {
+            name: dict(OPTIMIZERS[name], epochs=args.epochs, **batch)
+            for name in args.optimizers or OPTIMIZERS
+        }
+    runs: dict[str, dict[int, dict]] = {name: {} for name in contenders}
     for seed in args.seeds:
-        for name in args.optimizers:
-            values = dict(OPTIMIZERS[name])
-            values.update(epochs=args.epochs, seed=seed, max_steps=args.max_steps,
+        for name in contenders:
+            values = dict(contenders[name])
+            values.update(seed=seed, max_steps=args.max_steps,
                           train_subset=args.train_subset, test_subset=args.test_subset)  # fmt: skip
-            if args.batch_size:
-                values["batch_size"] = args.batch_size
             if args.host_devices and args.host_devices > 1:
                 values.update(parallel="sharded", num_devices=args.host_devices)
             try:
@@ -208,10 +318,15 @@ def main(argv: list[str] | None = None) -> dict:
             }
     table = summarize(runs)
     (out / "compare.json").write_text(json.dumps({"summary": table, "runs": runs}, indent=2) + "\n")
-    (out / "compare.md").write_text(markdown_table(table, args.epochs))
-    plot(runs, out / "compare.png")
+    if args.full_batch:
+        markdown = full_batch_table(runs)
+        plot_against_steps(runs, out / "compare.png")
+    else:
+        markdown = markdown_table(table, args.epochs)
+        plot(runs, out / "compare.png")
+    (out / "compare.md").write_text(markdown)
     print()
-    print(markdown_table(table, args.epochs), end="")
+    print(markdown, end="")
     return {"summary": table, "runs": runs}
 
 
