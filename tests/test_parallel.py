@@ -166,7 +166,9 @@ def _engine_rows(tmp_path, name, **overrides):
     config = training.Config(**values)
     training.train_and_evaluate(config, tmp_path / name, progress=False, dataset=dataset,
                                 log=lambda line: None)  # fmt: skip
-    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().split()]
+    rows = [
+        json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    ]
     keys = ("step", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
     return [[row[key] for key in keys] for row in rows]
 
@@ -193,7 +195,7 @@ def test_engine_step_options_in_a_mode(tmp_path):
         one = _engine_rows(tmp_path, "one", epochs=1, **options)
         sharded = _engine_rows(tmp_path, "sharded", epochs=1, parallel="sharded", num_devices=4,
                                **options)  # fmt: skip
-        np.testing.assert_allclose(sharded, one, rtol=1e-5)
+        np.testing.assert_allclose(sharded, one, rtol=1e-4)  # EMA + SAM: float32 sums reordered
         for name in ("one", "sharded"):
             import shutil
 
