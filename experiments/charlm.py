@@ -356,7 +356,8 @@ def train_and_evaluate(
     from tqdm import tqdm
 
     from sgdjax.training import Checkpointer, TrainState
-    from sgdjax.training._loop import _append_jsonl, _plot_curves, environment
+    from sgdjax.training._report import environment, plot_curves
+    from sgdjax.training._rundir import write_json_atomic, write_jsonl_atomic
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -380,21 +381,17 @@ def train_and_evaluate(
     metrics_path = workdir / "metrics.jsonl"
     history: list[dict[str, Any]] = []
     if resume:
-        restored = checkpoints.restore_latest(state)
+        # A changed config (other than the number of steps) raises ConfigChangedError.
+        restored = checkpoints.restore_latest(
+            state, config=dataclasses.asdict(config), ignore=("steps",)
+        )
         if restored is not None:
-            state, start_step, note, saved_config = restored
+            state, start_step, note, _ = restored
             print(note)
-            changed = sorted(
-                name
-                for name, value in dataclasses.asdict(config).items()
-                if saved_config.get(name, value) != value and name != "steps"
-            )
-            if changed:
-                print(f"note: the checkpoint was written with different {', '.join(changed)}")
             if metrics_path.exists():
                 history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
                 history = [row for row in history if row["step"] <= start_step]
-    metrics_path.write_text("".join(json.dumps(row) + "\n" for row in history))
+    write_jsonl_atomic(metrics_path, history)
 
     train_ids = jax.device_put(encoded.train)
     characters_per_step = config.batch_size * config.seq_len
@@ -441,7 +438,7 @@ def train_and_evaluate(
             / max(interval_seconds, 1e-9),
         }
         history.append(row)
-        _append_jsonl(metrics_path, row)
+        write_jsonl_atomic(metrics_path, history)  # the whole file: a crash keeps the old one
         bar.write(
             f"step {step:5d}  train {row['train_bits_per_char']:.3f} bpc  "
             f"test {row['test_bits_per_char']:.3f} bpc  lr {row['learning_rate']:.4g}  "
@@ -455,7 +452,7 @@ def train_and_evaluate(
 
     wall_seconds = time.perf_counter() - wall_start
     if history:
-        _plot_curves(history, workdir / "curves.png")
+        plot_curves(history, workdir / "curves.png")
     final = history[-1] if history else {}
     generated = sample(state, model, encoded.vocabulary, config, prompt=text[:1])
     summary = {
@@ -479,7 +476,7 @@ def train_and_evaluate(
         "config": dataclasses.asdict(config),
         "environment": environment(),
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(workdir / "summary.json", summary)
     checkpoints.close()
     return summary
 
@@ -544,9 +541,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from sgdjax.training import Checkpointer
 
     out = Path(args.out)
-    if args.resume and not Checkpointer.saved_epochs(out / "checkpoints"):
+    if args.resume and not Checkpointer.saved_steps(out / "checkpoints"):
         parser.error(f"--resume: no checkpoints in {out / 'checkpoints'}")
-    if not args.resume and Checkpointer.saved_epochs(out / "checkpoints"):
+    if not args.resume and Checkpointer.saved_steps(out / "checkpoints"):
         parser.error(
             f"--out {out} already holds checkpoints of a run: continue it with --resume, "
             "or choose another --out"
@@ -558,9 +555,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         encode(text[0], config)
     except (DataError, OSError, UnicodeDecodeError, ValueError) as error:
         parser.error(str(error))
-    return train_and_evaluate(
-        config, out, resume=args.resume, progress=not args.no_progress, text=text
-    )
+    from sgdjax.training import ConfigChangedError
+
+    try:
+        return train_and_evaluate(
+            config, out, resume=args.resume, progress=not args.no_progress, text=text
+        )
+    except ConfigChangedError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def test_a_short_run_writes_every_output_and_learns(text_file, runs):
     assert summary["config"]["decay"] == 0.995 and summary["config"]["momentum"] == 0.9
     assert summary["compile_seconds"] > 0 and summary["train_seconds_excluding_compile"] > 0
     assert (out / "curves.png").stat().st_size > 0
-    assert Checkpointer.saved_epochs(out / "checkpoints") == [3, 6]
+    assert Checkpointer.saved_steps(out / "checkpoints") == [3, 6]
 
 
 def test_resume_continues_with_the_same_batches(runs):
@@ -98,10 +98,13 @@ def test_resume_continues_with_the_same_batches(runs):
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-6)
 
 
-def test_an_existing_run_needs_resume(text_file, runs, capsys):
+def test_an_existing_run_needs_resume_with_the_same_config(text_file, runs, capsys):
     with pytest.raises(SystemExit):
         _run(text_file, runs["straight"][1], "--steps", "3")
     assert "--resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _run(text_file, runs["straight"][1], "--steps", "9", "--resume", "--momentum", "0.5")
+    assert "momentum" in capsys.readouterr().err
 
 
 def test_held_out_windows_cover_the_tail_once():
@@ -175,7 +178,7 @@ def test_clip_norm_none_turns_clipping_off():
     grads = {"w": np.asarray([300.0, 400.0], np.float32)}  # global norm 500
     for clip_norm, expected in ((None, [-150.0, -200.0]), (5.0, [-1.5, -2.0])):
         # First step: update = -lr * clipped gradient, lr 0.5, no momentum buffer yet.
-        tx, _ = charlm.make_optimizer(charlm.CharLMConfig(clip_norm=clip_norm))
+        tx, _ = charlm.make_optimizer(charlm.CharLMConfig(clip_norm=clip_norm, learning_rate=0.5))
         params = {"w": np.zeros(2, np.float32)}
         updates, _ = tx.update(grads, tx.init(params), params)
         np.testing.assert_allclose(updates["w"], expected, rtol=1e-6)
