@@ -400,6 +400,11 @@ class Engine:
             program = placement.compile(
                 _keyword_scalars(body, num_steps=size), (*kinds, "scalar", "scalar")
             )
+            if placement.mode == "pmap" and jax.process_count() > 1:
+                # pmap's ahead-of-time executables expect global shapes under several
+                # processes, its calls local ones: compiled at the first call instead.
+                self._train_programs[size] = program
+                continue
             inputs = self._train_inputs(1, 0, size, self._placed_order(self._like.rng, 1))
             self._train_programs[size] = program.lower(placed, *inputs).compile()
         eval_body = make_eval_chunk(config)
