@@ -10,6 +10,7 @@ from jax.typing import ArrayLike
 from sgdjax import _base
 from sgdjax._combine import chain
 from sgdjax._decay import add_decayed_weights, decoupled_weight_decay
+from sgdjax._flatten import mark_elementwise
 from sgdjax._momentum import momentum as momentum_transform
 from sgdjax._scale import scale, scale_by_learning_rate
 
@@ -26,9 +27,9 @@ def _gradient_path(
     """The transforms shared by ``sgd`` and ``sgdw`` before the learning rate."""
     transforms = []
     if maximize:
-        transforms.append(scale(-1.0))
+        transforms.append(mark_elementwise(scale(-1.0)))
     if not _base.is_static_zero(coupled_weight_decay):
-        transforms.append(add_decayed_weights(coupled_weight_decay))
+        transforms.append(mark_elementwise(add_decayed_weights(coupled_weight_decay)))
     if not _base.is_static_zero(momentum) or nesterov:
         transforms.append(
             momentum_transform(
@@ -111,7 +112,7 @@ def sgd(
         accumulator_dtype=accumulator_dtype,
         coupled_weight_decay=weight_decay,
     )
-    transforms.append(scale_by_learning_rate(learning_rate))
+    transforms.append(mark_elementwise(scale_by_learning_rate(learning_rate)))
     return chain(*transforms)
 
 
@@ -170,7 +171,8 @@ def sgdw(
         accumulator_dtype=accumulator_dtype,
         coupled_weight_decay=0.0,
     )
-    transforms.append(scale_by_learning_rate(learning_rate))
+    transforms.append(mark_elementwise(scale_by_learning_rate(learning_rate)))
     if not _base.is_static_zero(weight_decay):
-        transforms.append(decoupled_weight_decay(weight_decay, learning_rate, mask=mask))
+        decay = decoupled_weight_decay(weight_decay, learning_rate, mask=mask)
+        transforms.append(decay if mask is not None else mark_elementwise(decay))
     return chain(*transforms)

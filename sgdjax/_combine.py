@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sgdjax import _base
+from sgdjax import _base, _flatten
 
 # Arguments of sgdjax factories that are never numeric hyperparameters.
 _ALWAYS_STATIC = frozenset({"mask", "accumulator_dtype", "norm_type"})
@@ -45,11 +45,20 @@ def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransforma
       >>> import optax, sgdjax
       >>> tx = sgdjax.chain(sgdjax.clip_by_global_norm(1.0), optax.scale(-0.1))
 
+    Layout: when every transform is element-wise (sgdjax's scaling, decay, momentum
+    and learning-rate pieces, and chains of them), ``init`` picks the layout from the
+    params: one flat buffer per dtype for many small leaves, one buffer per leaf
+    otherwise (``sgdjax._flatten.prefers_flat_layout``). The numbers are the same
+    either way; only the state's leaves differ. Inside ``jit``, the temporaries the
+    step shares with the new state are recomputed rather than stored
+    (``sgdjax._flatten.recompute_temporaries``), with bitwise the same results.
+
     References:
-      ``optax.chain`` (this is it, with argument checks).
+      ``optax.chain``, with argument checks and the layout above.
     """
     _check_transforms("transforms", transforms)
-    return optax.chain(*transforms)
+    elementwise = all(_flatten.is_elementwise(t) for t in transforms)
+    return _flatten.automatic_layout(optax.chain(*transforms), elementwise=elementwise)
 
 
 def named_chain(*pairs: tuple[str, optax.GradientTransformation]) -> optax.GradientTransformation:

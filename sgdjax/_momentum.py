@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from sgdjax import _base
+from sgdjax import _base, _flatten
 from sgdjax.schedules import _value_range
 
 
@@ -145,4 +145,4 @@ def momentum(
             count=_base.safe_increment(state.count), momentum_buffer=new_buffers
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _flatten.mark_elementwise(optax.GradientTransformationExtraArgs(init_fn, update_fn))
