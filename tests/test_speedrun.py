@@ -133,8 +133,8 @@ def test_parameter_groups_follow_the_recipe_against_numpy():
     state = tx.init(params)
     m = config.momentum
     lr, wd = _config.sgd_hyperparameters(config)
-    # airbench units: 11.5 * (1024 / 1024) / (1 + 1 / 0.15) = 1.5; 0.0153 / (1024 * 7.667)
-    assert lr == pytest.approx(1.5, rel=1e-3) and wd == pytest.approx(0.0153 / 7850.67, rel=1e-4)
+    # airbench units: 11.5 * (1024 / 1024) / (1 + 1 / 0.15) = 1.5; 0.0153 / 11.5
+    assert lr == pytest.approx(1.5, rel=1e-3) and wd == pytest.approx(0.0153 / 11.5, rel=1e-6)
     for step in range(3 * per_epoch + 2):
         updates, state = tx.update(grads, state, params)
         params = jax.tree.map(lambda p, u: p + u, params, updates)
@@ -258,8 +258,9 @@ def _speed_config(**overrides):
 
 def test_speedrun_learns_separable_data_and_reports_times(tmp_path):
     lines = []
-    result = train_seeds(_speed_config(), tmp_path, runs=2, dataset=_separable(),
-                         progress=False, log=lines.append)  # fmt: skip
+    # (8, 16, 16) is too narrow to learn this in 40 steps from torch's init scale.
+    result = train_seeds(_speed_config(widths=(16, 32, 32)), tmp_path, runs=2,
+                         dataset=_separable(), progress=False, log=lines.append)  # fmt: skip
     assert [run["seed"] for run in result["runs"]] == [0, 1]
     assert result["steps_per_run"] == 40 and all(run["steps"] == 40 for run in result["runs"])
     assert result["accuracy_mean"] > 0.75, result["runs"]  # chance: 0.1
@@ -289,8 +290,10 @@ def test_a_whole_epoch_per_program_equals_one_step_per_program(tmp_path):
         for a, b in zip(rows["one"], rows[name]):
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert rows["one"][-1]["test_loss"] == pytest.approx(rows[name][-1]["test_loss"], rel=1e-4)
+        # float32 noise only: a scanned program rounds a few sums differently; the
+        # largest difference seen is 1.3e-4 on weights of scale 0.1.
         chex.assert_trees_all_close(states["one"].params, states[name].params, rtol=1e-3,
-                                    atol=1e-4)  # fmt: skip
+                                    atol=5e-4)  # fmt: skip
     final = states["one"]  # step 10 = T: synchronised with decay 1, fast = slow
     assert int(final.step) == 10
     chex.assert_trees_all_equal(final.params, final.slow["params"])
@@ -308,3 +311,38 @@ def test_speedrun_rejects_bad_settings():
         dataclasses.replace(PRESETS["speedrun"], epochs=0)
     with pytest.raises(SetupError, match="larger than the 8 training"):
         Engine(_speed_config(batch_size=16), _separable(8, 4), log=lambda line: None)
+
+
+def test_recipe_details_match_airbench94():
+    """Whitening order, init scales and BatchNorm momentum as airbench94 sets them."""
+    images = _images(256).astype(np.float32) / 255.0
+    covariance = np.asarray(_speednet.patch_covariance(jnp.asarray(images)), np.float64)
+    kernel = _speednet.kernel_from_covariance(covariance)
+    filters = kernel.transpose(3, 0, 1, 2).reshape(24, -1)
+    eigenvalues = np.linalg.eigvalsh(covariance)[::-1]  # descending
+    # Each filter is v_i / sqrt(l_i + eps): its norm gives its eigenvalue back.
+    np.testing.assert_allclose(1 / np.sum(filters[:12] ** 2, axis=1) - 5e-4, eigenvalues,
+                               rtol=1e-4, atol=1e-7)  # fmt: skip
+    np.testing.assert_allclose(filters[12:], -filters[:12])
+
+    net = SpeedNet(widths=(8, 32, 32))
+    x = jnp.zeros((2, 31, 31, 24))
+    variables = net.init(jax.random.key(0), x)
+    conv = np.asarray(variables["params"]["block2"]["conv1"]["kernel"])  # (3, 3, 8, 32)
+    random_part = conv[:, :, :, 8:]  # the first 8 filters are the identity
+    bound = 1 / np.sqrt(3 * 3 * 8)
+    assert np.abs(random_part).max() <= bound and np.abs(random_part).max() > 0.9 * bound
+    head = np.asarray(variables["params"]["head"]["kernel"])
+    assert np.abs(head).max() <= 1 / np.sqrt(32) and np.abs(head).max() > 0.9 / np.sqrt(32)
+
+    # Running statistics: 0.6 old + 0.4 batch (airbench's momentum 0.6 -> torch's 0.4).
+    inputs = jax.random.normal(jax.random.key(1), (4, 31, 31, 24)) + 3.0
+    _, updated = net.apply(variables, inputs, train=True, mutable=["batch_stats"])
+    old = variables["batch_stats"]["block1"]["norm1"]["mean"]
+    new = updated["batch_stats"]["block1"]["norm1"]["mean"]
+    features = net.apply(variables, inputs, train=True, mutable=["batch_stats", "intermediates"],
+                         capture_intermediates=lambda module, name: module.name == "conv1"
+                         and module.parent.name == "block1")[1]["intermediates"]  # fmt: skip
+    pooled = _speednet._pool(features["block1"]["conv1"]["__call__"][0], 2)
+    np.testing.assert_allclose(new, 0.6 * old + 0.4 * pooled.mean(axis=(0, 1, 2)), rtol=1e-5,
+                               atol=1e-6)  # fmt: skip

@@ -309,14 +309,18 @@ def sgd_hyperparameters(config: Config) -> tuple[float, float]:
     (``g + wd * p`` before momentum), with ``k = 1 + 1 / (1 - m)``::
 
         lr = learning_rate * (batch_size / 1024) / k
-        wd = weight_decay / (1024 * k)
+        wd = weight_decay / learning_rate
+
+    airbench94 hands torch ``lr_a = learning_rate / (1024 k)`` and
+    ``weight_decay = (weight_decay * batch_size / (1024 k)) / lr_a`` on the summed
+    loss; dividing its gradient by the batch size gives the two lines above.
     """
     if config.hyperparameter_units == "torch":
         return float(config.learning_rate), float(config.weight_decay)
     gain = 1.0 + 1.0 / (1.0 - config.momentum)
     return (
         config.learning_rate * config.batch_size / 1024 / gain,
-        config.weight_decay / (1024 * gain),
+        config.weight_decay / config.learning_rate,
     )
 
 
