@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide progress bars (training and the data download)")  # fmt: skip
     add_config_flags(parser)
     return parser
 
@@ -151,7 +152,7 @@ def load_data(args, parser):
     from sgdjax import data
 
     try:
-        return data.load_cifar10(args.data_dir)
+        return data.load_cifar10(args.data_dir, progress=not args.no_progress)
     except data.DataError as error:
         parser.error(str(error))
 

@@ -471,3 +471,12 @@ def test_host_devices_split_the_cpu_for_sharded_training(tiny_data, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["environment"]["device_count"] == 2
+
+
+def test_no_progress_also_hides_the_download_bar(monkeypatch):
+    calls = []
+    monkeypatch.setattr("sgdjax.data.load_cifar10", lambda *a, **k: calls.append((a, k)))
+    parser = cifar.build_parser()
+    for flags, shown in (([], True), (["--no-progress"], False)):
+        cifar.load_data(parser.parse_args(flags), parser)
+        assert calls.pop() == ((None,), {"progress": shown})
