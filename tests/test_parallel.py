@@ -207,3 +207,53 @@ def test_one_step_per_program_on_cpu_is_decided_in_one_place():
     assert training.steps_per_program(None, 390) == 1
     assert training.steps_per_program(8, 390) == 8
     assert training.steps_per_program(1000, 390) == 390
+
+
+# ---------------------------------------------------------------- data split over devices
+
+
+def _gathered_batches(mode, shard_data, images, labels, order):
+    """Every device's share of each batch of ``order``, as one global batch per step."""
+    placement = training.make_placement(mode, 4, shard_data=shard_data)
+    kind = placement.data_kind()
+    placed = (placement.place(images, kind), placement.place(labels, kind))
+    state = placement.place_state(_state())  # the jit modes compile after it
+
+    def body(state, images, labels, order, *, axis_name, constrain):
+        taken = [placement.take(images, labels, batch, axis_name) for batch in order]
+        if axis_name is not None:  # the shares, gathered in device order
+            taken = jax.lax.all_gather(taken, axis_name, tiled=True)
+        return state, taken
+
+    kinds = (kind, kind, "replicated")
+    program = placement.compile(body, kinds, donate=False)
+    _, taken = program(state, *placed, placement.place(order, "replicated"))
+    return jax.tree.map(np.asarray, placement.first(taken)), placed
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded", "shard_map", "zero"])
+def test_a_data_set_split_over_the_devices_gives_the_batches_of_a_replicated_one(mode):
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (40, 4, 4, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 40).astype(np.int32)
+    order = rng.permutation(40)[:32].reshape(4, 8).astype(np.int32)
+    split, placed = _gathered_batches(mode, True, images, labels, order)
+    whole, placed_whole = _gathered_batches(mode, False, images, labels, order)
+    for step, batch in enumerate(order):  # the reference: numpy's own gather
+        for got in (split, whole):
+            np.testing.assert_array_equal(got[step][0], images[batch])
+            np.testing.assert_array_equal(got[step][1], labels[batch])
+            np.testing.assert_array_equal(got[step][2], batch)
+    # Each device holds a quarter of the rows instead of all of them.
+    held = parallel.bytes_per_device(placed)
+    assert sorted(held.values()) == [10 * (4 * 4 * 3 + 4)] * 4
+    assert sorted(parallel.bytes_per_device(placed_whole).values()) == [40 * (4 * 4 * 3 + 4)] * 4
+
+
+def test_the_data_is_split_exactly_when_the_data_axis_has_several_devices():
+    assert training.make_placement("sharded", 4).shard_data
+    assert training.make_placement("pmap", 2).data_kind(stacked=True) == "steps_batch"
+    assert not training.make_placement("sharded", 1).shard_data
+    assert training.make_placement("none").data_kind() == "replicated"
+    with pytest.raises(ValueError, match="shard_data needs a data axis"):
+        training.make_placement("none", shard_data=True)

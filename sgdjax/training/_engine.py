@@ -1,9 +1,15 @@
 """The training engine: every preset, parallel mode and step option through one loop.
 
-* **Data on the devices.** The uint8 training and test sets are placed once
-  (replicated over the devices). Each epoch's order is drawn on the device from
-  ``(seed, epoch)``; gathering, flips, crops, translation and normalization run inside
-  the compiled program from keys of ``(seed, step)``.
+* **Data on the devices.** The uint8 training and test sets are placed once: split
+  over the data axis when it has more than one device (each device holds ``1/N`` of
+  the rows, :meth:`Placement.take` gathers every batch), else replicated. Under
+  several processes each process reads and places only its own devices' rows. Each
+  epoch's order is drawn on the device from ``(seed, epoch)``; gathering, flips,
+  crops, translation and normalization run inside the compiled program from keys of
+  ``(seed, step)``.
+* **Nothing before the lock.** Building an engine reads no more than the whitening
+  sample and compiles nothing; the first run places the data and compiles
+  (:meth:`Engine.prepare`) after it holds its output folder's lock.
 * **Several steps per program.** A chunk of steps is one ``lax.scan``; metrics and
   the non-finite counter are summed on the device and read once per chunk, one chunk
   late, so the host never waits on the device between steps. How many steps a
@@ -51,7 +57,12 @@ from sgdjax.training._nnx import nnx_convnet_like
 from sgdjax.training._parallel import Placement, make_placement, needs_bn_axis
 from sgdjax.training._pipeline import augment_batch, epoch_order, lookahead_sync, run_keys
 from sgdjax.training._preemption import Preempted, PreemptionGuard
-from sgdjax.training._rundir import RunLock, read_jsonl, write_json_atomic, write_jsonl_atomic
+from sgdjax.training._rundir import (
+    claim_run_directory,
+    read_jsonl,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from sgdjax.training._speednet import Whitened, kernel_from_covariance, patch_covariance
 from sgdjax.training._state import TrainState
 from sgdjax.training._step import example_keys, make_eval_step, make_train_step
@@ -125,18 +136,36 @@ def plan_run(config: Config, num_train: int) -> Plan:
     return Plan(per_epoch, tuple(epochs), steps_per_program(config.steps_per_call, per_epoch))
 
 
-def subset(images: np.ndarray, labels: np.ndarray, count: int | None):
-    """A fixed random subset of ``count`` examples (all when ``count`` is None or larger)."""
-    if count is None or count >= len(images):
-        return images, labels
-    chosen = np.sort(np.random.default_rng(0).permutation(len(images))[:count])
-    return images[chosen], labels[chosen]
+def subset_rows(total: int, count: int | None) -> np.ndarray:
+    """The rows of a fixed random subset of ``count`` of ``total`` examples, increasing
+    (all rows when ``count`` is None or larger)."""
+    if count is None or count >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(0).permutation(total)[:count])
+
+
+def read_rows(images: Any, labels: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``images[rows], labels[rows]`` as uint8 and int32; a row ``-1`` is padding (zeros).
+
+    ``images`` may be any array that reads only the rows it is indexed with (a
+    memory-mapped cache, :func:`sgdjax.data.load_cifar10`'s lazy image folders).
+    """
+    rows = np.asarray(rows, np.int64)
+    real = rows >= 0
+    out_images = np.zeros((len(rows), *images.shape[1:]), np.uint8)
+    out_labels = np.zeros(len(rows), np.int32)
+    if real.any():
+        out_images[real] = images[rows[real]]
+        out_labels[real] = np.asarray(labels)[rows[real]]
+    return out_images, out_labels
 
 
 def fits_on_device(config: Config, dataset_bytes: int) -> bool:
     """``data_placement``'s rule: on the device unless the data take a quarter of its memory.
 
-    Devices that report no memory limit (CPUs) always take the data.
+    ``dataset_bytes`` are the bytes one device holds (``1/N`` of the data set when it
+    is split over ``N`` devices). Devices that report no memory limit (CPUs) always
+    take the data.
     """
     if config.data_placement != "auto":
         return config.data_placement == "device"
@@ -183,13 +212,16 @@ def _add_step(sums: dict[str, jax.Array], metrics: dict[str, jax.Array], state: 
     }
 
 
-def make_train_chunk(config: Config, plan: Plan, *, host_fed: bool, **step_options) -> Callable:
+def make_train_chunk(config: Config, plan: Plan, *, host_fed: bool, take: Callable,
+                     **step_options) -> Callable:  # fmt: skip
     """``body(state, *inputs, epoch, first, axis_name, constrain, num_steps)``: steps
     ``first, ..., first + num_steps - 1`` of ``epoch`` and the chunk's metric sums.
 
-    Device-resident inputs are ``(images, labels, order)``: the whole uint8 training
-    set and the epoch's order; host-fed inputs are ``(images, labels, indices)``
-    stacked ``(num_steps, batch, ...)``. Both feed the same step.
+    Device-resident inputs are ``(images, labels, order)``: the uint8 training set
+    as placed and the epoch's order; ``take(images, labels, indices, axis_name)``
+    (:meth:`Placement.take`) gathers each step's batch. Host-fed inputs are
+    ``(images, labels, indices)`` stacked ``(num_steps, batch, ...)``. Both feed the
+    same step.
     """
     steps = {
         axis: make_train_step(axis_name=axis, jit=False, **step_options)
@@ -208,16 +240,13 @@ def make_train_chunk(config: Config, plan: Plan, *, host_fed: bool, **step_optio
         else:
             size = config.batch_size
             xs = jax.lax.dynamic_slice_in_dim(order, first * size, num_steps * size)
-            xs = xs.reshape(num_steps, size)
-            if axis_name is not None:  # this device's share of every batch
-                local = size // jax.lax.psum(1, axis_name)
-                xs = jax.lax.dynamic_slice_in_dim(
-                    xs, jax.lax.axis_index(axis_name) * local, local, axis=1
-                )
+            xs = xs.reshape(num_steps, size)  # whole batches: take hands out the shares
 
         def one_step(carry, x):
             state, sums = carry
-            batch_images, batch_labels, indices = x if host_fed else (images[x], labels[x], x)
+            batch_images, batch_labels, indices = (
+                x if host_fed else take(images, labels, x, axis_name)
+            )
             batch_images, batch_labels, indices = constrain((batch_images, batch_labels, indices))
             keys = run_keys(state.rng)
             per_example = example_keys(
@@ -279,30 +308,30 @@ class _Epoch:
 class Engine:
     """One configuration's data, model and compiled programs, ready to train seeds.
 
-    Building an engine places the data on the devices and compiles every program the
-    run needs (reported as ``compile_seconds``); :meth:`run` trains one seed.
+    Building an engine checks the config against the data and the devices; the first
+    :meth:`run` (after taking its folder's lock) places the data on the devices and
+    compiles every program the run needs (:meth:`prepare`, reported as
+    ``compile_seconds``); :meth:`run` trains one seed.
     """
 
     def __init__(self, config: Config, dataset: data.Dataset, *, log: Callable = print):
         self.config = config
         self.log = log if is_primary() else (lambda message: None)  # process 0 alone logs
-        train_images, train_labels = subset(
-            dataset.train_images, dataset.train_labels, config.train_subset
-        )
-        test_images, test_labels = subset(
-            dataset.test_images, dataset.test_labels, config.test_subset
-        )
-        self.num_train, self.num_test = len(train_images), len(test_images)
+        self.dataset = dataset  # read row by row: each process reads its devices' rows
+        self._train_rows = subset_rows(len(dataset.train_images), config.train_subset)
+        self._test_rows = subset_rows(len(dataset.test_images), config.test_subset)
+        self.num_train, self.num_test = len(self._train_rows), len(self._test_rows)
         for name, asked, have in (("train_subset", config.train_subset, self.num_train),
                                   ("test_subset", config.test_subset, self.num_test)):  # fmt: skip
             if asked is not None and asked > have:
-                self.log(f"note: {name}={asked} is more than the {have} images there are; "
-                         f"using {have}")
+                self.log(
+                    f"note: {name}={asked} is more than the {have} images there are; using {have}"
+                )
         self.plan = plan_run(config, self.num_train)
         self.placement = self._check_devices()
         self.eval_placement = self.placement
-        if config.parallel == "pmap":  # pmap's state is gathered to one device for scoring
-            self.eval_placement = make_placement("none")
+        if config.parallel == "pmap":  # pmap's gathered state is scored by jit on its mesh
+            self.eval_placement = dataclasses.replace(self.placement, mode="sharded")
         self.num_classes = len(dataset.class_names)
         self.tx, self.schedule = make_optimizer(
             config, self.plan.steps_per_epoch, self.plan.total_steps
@@ -312,11 +341,26 @@ class Engine:
             _create_state, self.model, self.tx, ema=config.ema_decay is not None,
             slow=config.lookahead_period is not None,
         ))  # fmt: skip
-        self._whiten_images = train_images[: config.whiten_images] if config.whiten else None
-        self.host_fed = not fits_on_device(config, train_images.nbytes + test_images.nbytes)
-        self._host_train = (train_images, np.asarray(train_labels, np.int32))
+        self._whiten_images = None
+        if config.whiten:  # every process needs the same sample for the same kernel
+            sample = self._train_rows[: config.whiten_images]
+            self._whiten_images = read_rows(dataset.train_images, dataset.train_labels, sample)[0]
+        image_bytes = int(np.prod(dataset.train_images.shape[1:]))
+        data_bytes = (self.num_train + self.num_test) * image_bytes
+        shares = self.placement.num_devices if self.placement.shard_data else 1
+        self.host_fed = not fits_on_device(config, data_bytes // shares)
+        self.compile_seconds: float | None = None  # set by prepare
+
+    def prepare(self) -> None:
+        """Places the data and compiles every program the run needs (once).
+
+        :meth:`run` calls it after taking its folder's lock, so a second run on a
+        locked folder is refused before any of this work.
+        """
+        if self.compile_seconds is not None:
+            return
         compile_start = time.perf_counter()
-        self._place_data(train_images, train_labels, test_images, test_labels)
+        self._place_data()
         self._compile()
         self.compile_seconds = time.perf_counter() - compile_start
         sizes = sorted(self._train_programs)
@@ -355,21 +399,36 @@ class Engine:
             return nnx_convnet_like(model)
         return Whitened(model, dtype=model.dtype) if config.whiten else model
 
-    def _place_data(self, train_images, train_labels, test_images, test_labels):
-        place = self.placement.place
+    def _place_data(self):
+        """The training set (unless host-fed) and the test set where the programs read
+        them; each process reads from disk only the rows its devices hold."""
+        dataset, placement = self.dataset, self.placement
         self.train_data = None
-        if not self.host_fed:
-            self.train_data = (place(train_images, "replicated"),
-                               place(np.asarray(train_labels, np.int32), "replicated"))  # fmt: skip
+        if self.host_fed:
+            self._host_train = read_rows(dataset.train_images, dataset.train_labels,
+                                         self._train_rows)  # fmt: skip
+        else:
+            kind = placement.data_kind()
+            shares = placement.num_devices if placement.shard_data else 1
+            length = -(-self.num_train // shares) * shares  # padded to whole shares
+            rows = np.full(length, -1)
+            rows[: self.num_train] = self._train_rows
+            local = read_rows(dataset.train_images, dataset.train_labels,
+                              rows[placement.own_rows(kind, length)])  # fmt: skip
+            self.train_data = tuple(placement.place_local(x, kind, length) for x in local)
+        evaluating = self.eval_placement
+        shares = evaluating.num_devices if evaluating.shard_data else 1
         size = min(self.config.eval_batch_size, self.num_test)
-        pad = -self.num_test % size
-        images = np.concatenate([test_images, np.zeros((pad, *test_images.shape[1:]), np.uint8)])
-        labels = np.concatenate([np.asarray(test_labels, np.int32), np.zeros(pad, np.int32)])
-        mask = np.concatenate([np.ones(self.num_test, np.float32), np.zeros(pad, np.float32)])
-        batches = len(images) // size
-        stacked = [x.reshape(batches, size, *x.shape[1:]) for x in (images, labels, mask)]
-        eval_place = self.eval_placement.place
-        self.test_data = tuple(eval_place(x, "replicated") for x in stacked)
+        size = -(-size // shares) * shares  # the mask hides the padding
+        batches = -(-self.num_test // size)
+        rows = np.full(batches * size, -1)
+        rows[: self.num_test] = self._test_rows
+        kind = evaluating.data_kind(stacked=True)
+        own = rows.reshape(batches, size)[:, evaluating.own_rows(kind, size)]
+        images, labels = read_rows(dataset.test_images, dataset.test_labels, own.ravel())
+        mask = (own >= 0).astype(np.float32)
+        stacked = (images.reshape(*own.shape, *images.shape[1:]), labels.reshape(own.shape), mask)
+        self.test_data = tuple(evaluating.place_local(x, kind, size) for x in stacked)
         self.eval_batches = batches
         self._order = jax.jit(epoch_order, static_argnums=2)
 
@@ -388,11 +447,13 @@ class Engine:
         self._like = self._initial_state(config.seed)
         placed = placement.place_state(self._like)
         body = make_train_chunk(
-            config, plan, host_fed=self.host_fed, learning_rate_fn=self.schedule,
+            config, plan, host_fed=self.host_fed, take=placement.take,
+            learning_rate_fn=self.schedule,
             label_smoothing=config.label_smoothing, accumulate=config.accumulate,
             sam_rho=config.sam_rho, ema_decay=config.ema_decay,
         )  # fmt: skip
-        kinds = ("steps_batch",) * 3 if self.host_fed else ("replicated",) * 3
+        data_kind = placement.data_kind()
+        kinds = ("steps_batch",) * 3 if self.host_fed else (data_kind, data_kind, "replicated")
         sizes = sorted({size for epoch in range(1, len(plan.epoch_steps) + 1)
                         for _, size in plan.chunks(epoch)})  # fmt: skip
         self._train_programs = {}
@@ -444,6 +505,7 @@ class Engine:
         ``after_chunk(placed, first, size)`` runs after each chunk is dispatched (the
         step checkpoints and the preemption check).
         """
+        self.prepare()
         totals, pending = _Epoch(), None
         start_time = time.perf_counter()
         order = self._placed_order(rng, epoch)
@@ -566,6 +628,7 @@ class Engine:
         with ``steps_per_call=1``); stop iterating to stop training (the learning-rate
         range test does).
         """
+        self.prepare()
         state = self._initial_state(seed)
         rng = _kept(state.rng)
         placed = self.placement.place_state(state)
@@ -648,7 +711,7 @@ class _Run:
         check_same_config(dataclasses.asdict(config))
         workdir.mkdir(parents=True, exist_ok=True)
         check_shared_directory(workdir)
-        self.lock = RunLock(workdir).acquire() if self.primary else None
+        self.lock = claim_run_directory(workdir)  # before any placement or compilation
         if self.lock is not None and self.lock.note:
             engine.log(f"note: {self.lock.note}")
         self.metrics_path = workdir / "metrics.jsonl"
@@ -672,6 +735,7 @@ class _Run:
 
     def train(self, resume: bool) -> dict[str, Any]:
         engine = self.engine
+        engine.prepare()  # data placed and programs compiled only now, under the lock
         wall_start = time.perf_counter()
         state, start_epoch, history = self._start(resume)
         self.history = history
@@ -831,11 +895,9 @@ class _Run:
             "epoch_seconds": train.seconds,
             "images_per_second": train.steps * config.batch_size / max(train.seconds, 1e-9),
         }
-        if config.diagnostics:
-            row["diagnostics"] = {
-                name: float(value)
-                for name, value in sgdjax.diagnostics_metrics(state.opt_state).items()
-            }
+        if config.diagnostics:  # global arrays under several processes: read collectively
+            metrics = gather_to_host(sgdjax.diagnostics_metrics(state.opt_state))
+            row["diagnostics"] = {name: float(value) for name, value in metrics.items()}
         if self.primary:  # the whole file, atomically: a crash leaves the old one
             write_jsonl_atomic(self.metrics_path, [*self.history, row])
         if self.scalars is not None:

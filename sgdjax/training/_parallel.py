@@ -20,6 +20,13 @@ step on a global batch equals one single-device step on that batch.
 
 The training engine compiles its chunk programs (several steps each) through
 :meth:`Placement.compile`; :func:`make_parallel_train_step` gives the single step.
+
+**Where the data set lives** is decided in :func:`make_placement`: with a data axis
+of more than one device (``pmap``, ``sharded``, ``shard_map``, ``zero``) the uint8
+training set is split over the devices along its rows (kind ``"batch"``, each device
+``1/N`` of it) and the stacked test set along its batch axis (``"steps_batch"``);
+with one device it is replicated. :meth:`Placement.take` gathers a batch from either
+layout to the same numbers.
 """
 
 from __future__ import annotations
@@ -75,11 +82,14 @@ class Placement:
       mode: one of :data:`MODES`.
       num_devices: devices the batch is split over.
       mesh: the device mesh (``None`` for ``"none"``).
+      shard_data: whether data sets are split over the devices (see
+        :meth:`data_kind`) instead of replicated.
     """
 
     mode: str
     num_devices: int
     mesh: Any = None
+    shard_data: bool = False
     _state_shardings: Any = None
 
     # ------------------------------------------------------------ state
@@ -119,39 +129,99 @@ class Placement:
         if axis is not None:
             check_divisible(int(np.shape(array)[axis]), self.num_devices)
 
+    def data_kind(self, stacked: bool = False) -> str:
+        """The kind a data set is placed as: its rows split over the devices when
+        :attr:`shard_data` (``"batch"``; a test set stacked ``(batches, size, ...)``:
+        ``"steps_batch"``), else ``"replicated"``."""
+        if not self.shard_data:
+            return "replicated"
+        return "steps_batch" if stacked else "batch"
+
+    def own_rows(self, kind: str, length: int) -> slice:
+        """The block of ``length`` rows along ``kind``'s split axis that this process's
+        devices hold (all of them in one process, or for an unsplit kind)."""
+        if _split_axis(kind) is None or self.mode == "none" or jax.process_count() == 1:
+            return slice(0, length)
+        return process_rows(batch_sharding(self.mesh), length)
+
     def place(self, array: Any, kind: str) -> Any:
-        """Places one program argument of ``kind`` (see :data:`ARG_KINDS`)."""
+        """Places one program argument of ``kind`` (see :data:`ARG_KINDS`), given whole."""
         self.check(array, kind)
         if self.mode == "none":
             return jax.device_put(array) if kind == "replicated" else array
         if self.mode == "pmap":
-            devices = self._local_count
             if kind == "replicated":
+                devices = self._local_count
                 return self._pmap_copy(np.broadcast_to(array, (devices, *np.shape(array))))
-            array = self._own_rows(array, kind)
-            if kind == "batch":
-                return np.reshape(array, (devices, -1, *np.shape(array)[1:]))
-            if kind == "steps_batch":
-                steps, size = np.shape(array)[:2]
-                split = np.reshape(array, (steps, devices, size // devices, *np.shape(array)[2:]))
-                return np.swapaxes(split, 0, 1)
-            return array
+            axis = _split_axis(kind)
+            rows = self.own_rows(kind, int(np.shape(array)[axis])) if axis is not None else None
+            own = array if rows is None else np.asarray(array)[(slice(None),) * axis + (rows,)]
+            return self._pmap_split(own, kind)
         if jax.process_count() > 1:  # every process holds the array; each fills its devices
             return place_global(np.asarray(array), self._sharding(kind))
         return jax.device_put(array, self._sharding(kind))
+
+    def place_local(self, local: Any, kind: str, length: int) -> Any:
+        """Places an argument of ``kind`` from this process's rows alone.
+
+        ``local`` holds the rows :meth:`own_rows` names of an array whose split axis
+        has ``length`` rows in all; nothing crosses between processes
+        (``jax.make_array_from_process_local_data``). In one process it is :meth:`place`.
+        """
+        axis = _split_axis(kind)
+        if axis is None or self.mode == "none" or jax.process_count() == 1:
+            return self.place(local, kind)
+        check_divisible(length, self.num_devices)
+        if self.mode == "pmap":
+            return self._pmap_split(np.asarray(local), kind)
+        shape = list(np.shape(local))
+        shape[axis] = length
+        return jax.make_array_from_process_local_data(
+            self._sharding(kind), np.asarray(local), tuple(shape)
+        )
+
+    def _pmap_split(self, own: Any, kind: str) -> Any:
+        """This process's rows on its devices, with pmap's leading device axis."""
+        devices = self._local_count
+        if kind == "batch":
+            return self._pmap_copy(np.reshape(own, (devices, -1, *np.shape(own)[1:])))
+        if kind == "steps_batch":
+            steps, size = np.shape(own)[:2]
+            split = np.reshape(own, (steps, devices, size // devices, *np.shape(own)[2:]))
+            return self._pmap_copy(np.swapaxes(split, 0, 1))
+        return own
+
+    def take(self, images: Any, labels: Any, indices: Any, axis_name: str | None):
+        """One device's share of the batch of examples ``indices``, inside a program.
+
+        ``indices`` are a whole batch's example numbers (the same on every device);
+        ``images`` and ``labels`` the data set as placed by :meth:`data_kind`. Returns
+        ``(images, labels, indices)`` of this device's share (the whole batch with
+        ``axis_name=None``). Replicated data: a local gather. Split data: each device
+        gathers the batch's examples it holds (zeros elsewhere) and one reduce-scatter
+        over the devices (``psum_scatter``) hands every device its share, exactly, as
+        the other devices contribute zeros.
+        """
+        if not self.shard_data:
+            if axis_name is not None:
+                indices = _own_share(indices, axis_name)
+            return images[indices], labels[indices], indices
+        if axis_name is not None:
+            return _take_from_shards(images, labels, indices, axis_name)
+        split = PartitionSpec(DATA_AXIS)
+        gather = jax.shard_map(
+            functools.partial(_take_from_shards, axis_name=DATA_AXIS),
+            mesh=self.mesh,
+            in_specs=(split, split, PartitionSpec()),
+            out_specs=(split, split, split),
+            check_vma=False,
+        )
+        return gather(images, labels, indices)
 
     @property
     def _local_count(self) -> int:
         """Devices of the mesh in this process: pmap's leading axis here."""
         return len(addressable_devices(self.mesh))
-
-    def _own_rows(self, array: Any, kind: str) -> Any:
-        """This process's block of a batch's rows (all of them in one process)."""
-        axis = _split_axis(kind)
-        if axis is None or jax.process_count() == 1:
-            return array
-        rows = process_rows(batch_sharding(self.mesh), int(np.shape(array)[axis]))
-        return np.asarray(array)[(slice(None),) * axis + (rows,)]
 
     def _sharding(self, kind: str) -> NamedSharding:
         axis = _split_axis(kind)
@@ -217,18 +287,57 @@ class Placement:
         )
 
 
-def make_placement(mode: str, num_devices: int | None = None) -> Placement:
+def make_placement(
+    mode: str, num_devices: int | None = None, *, shard_data: bool | None = None
+) -> Placement:
     """The :class:`Placement` of ``mode`` over ``num_devices`` devices (all by default).
 
+    ``shard_data`` (default: the rule, decided here alone) splits data sets over the
+    devices whenever the data axis has more than one device; ``False`` replicates
+    them (kept for measurements; the numbers are the same).
+
     Raises:
-      ValueError: an unknown mode, or more devices than exist.
+      ValueError: an unknown mode, more devices than exist, or ``shard_data`` with
+        one device.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "none":
+        if shard_data:
+            raise ValueError("shard_data needs a data axis of more than one device")
         return Placement(mode, 1)
     mesh = data_mesh(num_devices)
-    return Placement(mode, mesh.shape[DATA_AXIS], mesh)
+    count = mesh.shape[DATA_AXIS]
+    if shard_data is None:
+        shard_data = count > 1
+    return Placement(mode, count, mesh, shard_data=bool(shard_data))
+
+
+def _own_share(indices: jax.Array, axis_name: str) -> jax.Array:
+    """This device's block of a batch's leading axis, inside a mapped program."""
+    local = indices.shape[0] // jax.lax.psum(1, axis_name)
+    return jax.lax.dynamic_slice_in_dim(indices, jax.lax.axis_index(axis_name) * local, local)
+
+
+def _take_from_shards(images, labels, indices, axis_name):
+    """:meth:`Placement.take` on rows split over ``axis_name`` (one device's view).
+
+    Device ``d`` holds rows ``[d R, (d + 1) R)``; with ``local = indices - d R`` it
+    takes ``rows_i = images[local_i]`` where ``0 <= local_i < R`` and ``0`` elsewhere,
+    so the sum over the devices of ``rows`` is the batch; ``psum_scatter`` returns to
+    each device its block of that sum.
+    """
+    count = images.shape[0]
+    local = indices - jax.lax.axis_index(axis_name) * count
+    mine = jnp.logical_and(local >= 0, local < count)
+    safe = jnp.clip(local, 0, count - 1)
+    rows = jnp.where(mine.reshape(-1, *[1] * (images.ndim - 1)), images[safe], 0)
+    got = jnp.where(mine, labels[safe], 0)
+    rows, got = jax.lax.psum_scatter(
+        (rows.astype(images.dtype), got.astype(labels.dtype)), axis_name,
+        scatter_dimension=0, tiled=True,
+    )  # fmt: skip
+    return rows, got, _own_share(indices, axis_name)
 
 
 @dataclasses.dataclass

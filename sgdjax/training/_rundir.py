@@ -3,7 +3,8 @@
 - :class:`RunLock`: a lock file ``.lock`` in the folder naming the process that
   writes there. A second writer is refused with one line; a lock left by a killed
   process (its PID dead on this host, or reused by a newer process) is recognised
-  and taken over.
+  and taken over. :func:`claim_run_directory` takes it for a run of one or several
+  processes (process 0 holds it; all processes learn the outcome).
 - :func:`write_text_atomic`, :func:`write_json_atomic`, :func:`write_jsonl_atomic`:
   a temporary file in the same folder, flushed and ``fsync``-ed, then renamed over
   the target, so a crash leaves the old file or the new one, never a mix.
@@ -154,6 +155,30 @@ class RunLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def claim_run_directory(directory: str | os.PathLike) -> RunLock | None:
+    """Process 0 takes ``directory``'s :class:`RunLock`; every process learns the outcome.
+
+    Collective under several processes: when process 0 is refused, every process
+    raises the same :class:`RunDirectoryLocked`, so none goes on to place data or
+    compile. One process: ``RunLock(directory).acquire()``.
+
+    Returns:
+      The held lock on process 0, ``None`` on the others.
+    """
+    from sgdjax.parallel import is_primary, process_allgather_bytes
+
+    lock, refusal = None, b""
+    if is_primary():
+        try:
+            lock = RunLock(directory).acquire()
+        except RunDirectoryLocked as error:
+            refusal = str(error).encode()
+    refusal = process_allgather_bytes(refusal)[0]
+    if refusal:
+        raise RunDirectoryLocked(refusal.decode())
+    return lock
 
 
 def _fsync_directory(directory: Path) -> None:
