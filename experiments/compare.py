@@ -232,6 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", default="tutorial", choices=["tutorial", "resnet9"])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--learning-rate", type=float,
+                        help="one peak learning rate for every run (default: each "
+                        "run's own)")  # fmt: skip
+    parser.add_argument("--schedule",
+                        help="learning-rate schedule of every run, one of cifar.py's --schedule "
+                        "choices (default: the preset's)")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--data-dir")
     parser.add_argument("--out", default="runs/compare")
@@ -289,6 +295,10 @@ def main(argv: list[str] | None = None) -> dict:
             values = dict(contenders[name])
             values.update(seed=seed, max_steps=args.max_steps,
                           train_subset=args.train_subset, test_subset=args.test_subset)  # fmt: skip
+            if args.learning_rate is not None:
+                values.update(learning_rate=args.learning_rate)
+            if args.schedule is not None:
+                values.update(schedule=args.schedule)
             if args.host_devices and args.host_devices > 1:
                 values.update(parallel="sharded", num_devices=args.host_devices)
             try:

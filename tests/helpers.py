@@ -1,14 +1,73 @@
-"""Shared trees and a small problem set for optimizer tests."""
+"""Shared test helpers: trees, a small problem set, scripts and a tiny image folder."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_CLASSES = tuple(f"class{i}" for i in range(10))
+
+
+# ---------------------------------------------------------------- scripts and data
+
+
+def load_script(name: str) -> ModuleType:
+    """``experiments/<name>.py`` as a fresh module (the experiments are scripts).
+
+    The module is registered in ``sys.modules`` as ``experiments_<name>`` while it
+    runs, since dataclasses look their module up there.
+    """
+    path = ROOT / "experiments" / f"{name}.py"
+    if not path.is_file():
+        raise ValueError(f"no script experiments/{name}.py")
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_image_folder(
+    root: Path,
+    classes=CIFAR_CLASSES,
+    train_per_class: int = 8,
+    test_per_class: int = 4,
+    seed: int = 0,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Random 32x32 RGB PNGs in CIFAR's folder layout, ``root/<split>/<class>/NNNN.png``.
+
+    PNG keeps the pixels exact, so a loader's output can be compared with them.
+    Returns ``{split: (images, labels)}`` in load order (classes sorted, label = rank).
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    expected = {}
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        images, labels = [], []
+        for label, name in enumerate(sorted(classes)):
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index:04d}.png")
+                images.append(pixels)
+                labels.append(label)
+        expected[split] = (np.stack(images), np.asarray(labels, np.int32))
+    return expected
+
+
+# ---------------------------------------------------------------- trees and problems
 
 
 def mixed_tree(dtype=jnp.float32, seed: int = 0) -> dict[str, Any]:

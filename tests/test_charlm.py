@@ -2,30 +2,17 @@
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from helpers import load_script
 
 from sgdjax.training import Checkpointer
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("charlm", ROOT / "experiments" / "charlm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
-charlm = _load_script()
+charlm = load_script("charlm")
 
 # A tiny model and a handful of steps: the whole file runs in seconds.
 TINY = [

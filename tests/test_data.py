@@ -13,30 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import write_image_folder
 from PIL import Image
 
 from sgdjax import data
 from sgdjax.data import _cache
 
 CLASSES = ("cat", "airplane", "dog")  # sorted: airplane=0, cat=1, dog=2
-
-
-def make_image_folder(root, classes=CLASSES, train_per_class=4, test_per_class=2, seed=0):
-    """Writes random 32x32 RGB PNGs; returns {split: (images, labels)} in load order."""
-    rng = np.random.default_rng(seed)
-    expected = {}
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        images, labels = [], []
-        for label, name in enumerate(sorted(classes)):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index:04d}.png")
-                images.append(pixels)
-                labels.append(label)
-        expected[split] = (np.stack(images), np.asarray(labels, np.int32))
-    return expected
+# Three classes, 4 training and 2 test images each.
+SMALL_FOLDER = dict(classes=CLASSES, train_per_class=4, test_per_class=2)
 
 
 class Python2Pickler(pickle._Pickler):
@@ -90,7 +75,7 @@ def make_pickles(root, per_batch=6, seed=0, dump=pickle.dump):
 
 
 def test_image_folder(tmp_path):
-    expected = make_image_folder(tmp_path / "cifar")
+    expected = write_image_folder(tmp_path / "cifar", **SMALL_FOLDER)
     loaded = data.load_cifar10(tmp_path / "cifar")
     assert loaded.class_names == ("airplane", "cat", "dog")
     for split in ("train", "test"):
@@ -181,7 +166,7 @@ def test_tfds_path_with_mock_data(tmp_path, monkeypatch):
 
 
 def test_cache_is_fast_equal_and_atomic(tmp_path):
-    make_image_folder(tmp_path / "d", train_per_class=30)
+    write_image_folder(tmp_path / "d", **dict(SMALL_FOLDER, train_per_class=30))
     first = data.load_cifar10(tmp_path / "d")
     cache_root = tmp_path / "d" / ".sgdjax_cache"
     entries = list(cache_root.iterdir())
@@ -193,7 +178,7 @@ def test_cache_is_fast_equal_and_atomic(tmp_path):
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path):
-    make_image_folder(tmp_path / "d")
+    write_image_folder(tmp_path / "d", **SMALL_FOLDER)
     first = data.load_cifar10(tmp_path / "d")
     (cache,) = list((tmp_path / "d" / ".sgdjax_cache").iterdir())
     (cache / "train_images.npy").write_bytes(b"\x93NUMPY garbage")
@@ -204,7 +189,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
 
 
 def test_adding_an_image_invalidates_the_cache(tmp_path):
-    make_image_folder(tmp_path / "d")
+    write_image_folder(tmp_path / "d", **SMALL_FOLDER)
     assert len(data.load_cifar10(tmp_path / "d").train_images) == 12
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "d/train/cat/new.png")
     assert len(data.load_cifar10(tmp_path / "d").train_images) == 13
@@ -222,7 +207,7 @@ def test_adding_an_image_invalidates_the_cache(tmp_path):
     ids=["lengths", "shape", "dtype", "labels", "names"],
 )
 def test_inconsistent_cache_is_rebuilt_and_said(tmp_path, damage, problem):
-    make_image_folder(tmp_path / "d")
+    write_image_folder(tmp_path / "d", **SMALL_FOLDER)
     first = data.load_cifar10(tmp_path / "d")
     (cache,) = list((tmp_path / "d" / ".sgdjax_cache").iterdir())
     damage(cache)
@@ -233,7 +218,7 @@ def test_inconsistent_cache_is_rebuilt_and_said(tmp_path, damage, problem):
 
 
 def test_temporaries_of_killed_writers_are_removed(tmp_path):
-    make_image_folder(tmp_path / "d")
+    write_image_folder(tmp_path / "d", **SMALL_FOLDER)
     cache_parent = tmp_path / "d" / ".sgdjax_cache"
     cache_parent.mkdir()
     # A writer killed while it wrote the cache (SIGKILL: no cleanup runs).
@@ -285,7 +270,7 @@ def test_unknown_layout(tmp_path):
 
 
 def test_corrupt_image_is_named(tmp_path):
-    make_image_folder(tmp_path)
+    write_image_folder(tmp_path, **SMALL_FOLDER)
     bad = tmp_path / "train" / "dog" / "0001.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(data.DataError, match="0001.png: cannot decode"):
@@ -293,7 +278,7 @@ def test_corrupt_image_is_named(tmp_path):
 
 
 def test_wrong_size_and_mode_are_named(tmp_path):
-    make_image_folder(tmp_path)
+    write_image_folder(tmp_path, **SMALL_FOLDER)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "train/cat/small.png")
     with pytest.raises(data.DataError, match=r"small.png: image shape \(16, 16, 3\)"):
         data.load_cifar10(tmp_path)
@@ -304,7 +289,7 @@ def test_wrong_size_and_mode_are_named(tmp_path):
 
 
 def test_class_folders_differ(tmp_path):
-    make_image_folder(tmp_path)
+    write_image_folder(tmp_path, **SMALL_FOLDER)
     (tmp_path / "test" / "dog").rename(tmp_path / "test" / "horse")
     with pytest.raises(
         data.DataError, match=r"only in train: \['dog'\], only in test: \['horse'\]"
@@ -328,7 +313,7 @@ def test_unreadable_tfds_directory(tmp_path):
 def test_decompression_bomb_is_one_line(tmp_path, monkeypatch):
     from PIL import Image as PILImage
 
-    make_image_folder(tmp_path)
+    write_image_folder(tmp_path, **SMALL_FOLDER)
     # Pillow refuses images over twice MAX_IMAGE_PIXELS; lowered, a 64x64 image trips it.
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1500)
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "train/cat/bomb.png")
@@ -338,7 +323,7 @@ def test_decompression_bomb_is_one_line(tmp_path, monkeypatch):
 
 
 def test_large_image_is_refused_before_decoding(tmp_path, monkeypatch):
-    make_image_folder(tmp_path)
+    write_image_folder(tmp_path, **SMALL_FOLDER)
     Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(tmp_path / "test/dog/big.png")
     monkeypatch.setattr(np, "asarray", lambda *a, **k: pytest.fail("decoded"))
     with pytest.raises(data.DataError, match=r"big.png: image shape \(40, 48, 3\)"):

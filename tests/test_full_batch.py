@@ -1,44 +1,16 @@
 """compare.py --full-batch: gradient descent on the whole subset beside minibatch SGD."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "compare.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("compare_full_batch", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+compare = load_script("compare")
 
 
-compare = _load_script()
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 4), ("test", 2)):
-        for index in range(10):
-            folder = root / split / f"class{index}"
-            folder.mkdir(parents=True)
-            for number in range(count):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{number}.png")
-    return root
-
-
-def test_the_three_runs_and_their_table(tiny_data, tmp_path):
+def test_the_three_runs_and_their_table(image_folder, tmp_path):
     argv = [
-        "--data-dir", str(tiny_data), "--out", str(tmp_path), "--full-batch",
+        "--data-dir", str(image_folder), "--out", str(tmp_path), "--full-batch",
         "--train-subset", "32", "--batch-size", "8", "--epochs", "2", "--no-progress",
     ]  # fmt: skip
     result = compare.main(argv)
@@ -74,17 +46,33 @@ def test_the_three_runs_and_their_table(tiny_data, tmp_path):
     assert set(saved["runs"]) == set(expected)
 
 
+def test_one_learning_rate_and_schedule_for_every_run(image_folder, tmp_path):
+    argv = [
+        "--data-dir", str(image_folder), "--out", str(tmp_path), "--full-batch",
+        "--train-subset", "16", "--batch-size", "8", "--epochs", "1", "--no-progress",
+        "--learning-rate", "0.01", "--schedule", "constant",
+    ]  # fmt: skip
+    result = compare.main(argv)
+    assert list(result["runs"]) == ["minibatch", "full_batch_epochs", "full_batch_steps"]
+    for by_seed in result["runs"].values():
+        config, history = by_seed[0]["config"], by_seed[0]["history"]
+        assert (config["learning_rate"], config["schedule"]) == (0.01, "constant")
+        assert [row["learning_rate"] for row in history] == pytest.approx([0.01] * len(history))
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--train-subset", "32", "--optimizers", "adam"], "drop --optimizers"),
         ([], "needs --train-subset"),
         (["--train-subset", "4", "--batch-size", "8"], "smaller than the batch size"),
+        (["--train-subset", "32", "--batch-size", "8", "--schedule", "linear"], "one of constant"),
+        (["--train-subset", "32", "--batch-size", "8", "--learning-rate", "-1"], "learning_rate"),
     ],
 )
-def test_bad_combinations_exit_with_one_line(tiny_data, tmp_path, capsys, extra, message):
+def test_bad_combinations_exit_with_one_line(image_folder, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
-        compare.main(["--data-dir", str(tiny_data), "--out", str(tmp_path), "--full-batch",
+        compare.main(["--data-dir", str(image_folder), "--out", str(tmp_path), "--full-batch",
                       *extra])  # fmt: skip
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
