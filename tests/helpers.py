@@ -67,6 +67,99 @@ def write_image_folder(
     return expected
 
 
+# ---------------------------------------------------------------- transforms against references
+
+# Every core transform is run against a float64 plain-numpy reference loop written
+# from the update rule in its docstring, not from its code.
+
+NUM_STEPS = 12
+RTOL, ATOL = 2e-5, 2e-6
+
+# A mixed-shape tree: scalar, vector, dense kernel (in, out), conv kernel HWIO.
+SHAPES = {"scale": (), "bias": (5,), "dense": (6, 4), "conv": (3, 3, 2, 4)}
+
+
+def random_tree(rng, scale=1.0):
+    """A float64 numpy tree of ``SHAPES`` with normal entries times ``scale``."""
+    return {name: (scale * rng.normal(size=shape)) for name, shape in SHAPES.items()}
+
+
+def as_float32(tree):
+    """The tree as float32 JAX arrays."""
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def run_transform(tx, params, grads_sequence, *, variant, evolve=True):
+    """Runs ``tx`` and returns its updates and params per step (as float64 numpy)."""
+    import sgdjax
+
+    params = as_float32(params)
+    state = tx.init(params)
+
+    @variant
+    def step(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return updates, state, sgdjax.apply_updates(params, updates)
+
+    updates_out, params_out = [], []
+    for grads in grads_sequence:
+        updates, state, new_params = step(as_float32(grads), state, params)
+        if evolve:
+            params = new_params
+        updates_out.append(jax.tree.map(lambda x: np.asarray(x, np.float64), updates))
+        params_out.append(jax.tree.map(lambda x: np.asarray(x, np.float64), params))
+    return updates_out, params_out
+
+
+def reference_run(step_fn, params, grads_sequence, *, evolve=True):
+    """Runs a numpy reference ``step_fn(grads, params, t) -> updates`` (t from 0)."""
+    params = jax.tree.map(np.float64, params)
+    updates_out, params_out = [], []
+    for t, grads in enumerate(grads_sequence):
+        updates = step_fn(jax.tree.map(np.float64, grads), params, t)
+        if evolve:
+            params = jax.tree.map(lambda p, u: p + u, params, updates)
+        updates_out.append(updates)
+        params_out.append(params)
+    return updates_out, params_out
+
+
+def check_against_reference(
+    tx, reference_step, *, variant, seed=0, evolve=True, grads_sequence=None
+):
+    """``tx`` and the numpy ``reference_step`` on the same random params and gradients
+    (``NUM_STEPS`` of them unless given) agree to ``RTOL``, ``ATOL``."""
+    import chex
+
+    rng = np.random.default_rng(seed)
+    params = random_tree(rng)
+    if grads_sequence is None:
+        grads_sequence = [random_tree(rng) for _ in range(NUM_STEPS)]
+    ours = run_transform(tx, params, grads_sequence, variant=variant, evolve=evolve)
+    theirs = reference_run(reference_step, params, grads_sequence, evolve=evolve)
+    chex.assert_trees_all_close(ours, theirs, rtol=RTOL, atol=ATOL)
+
+
+def sgd_reference(lr, mu=0.0, tau=0.0, nesterov=False, wd=0.0, maximize=False, decoupled=0.0):
+    """torch.optim.SGD's algorithm, written out (plus decoupled decay for SGDW)."""
+    buffers = {}
+
+    def step(grads, params, t):
+        eta = lr(t) if callable(lr) else lr
+        out = {}
+        for name, grad in grads.items():
+            g = -grad if maximize else grad
+            g = g + wd * params[name]
+            if mu != 0.0:
+                b = g.copy() if t == 0 else mu * buffers[name] + (1.0 - tau) * g
+                buffers[name] = b
+                g = g + mu * b if nesterov else b
+            out[name] = -eta * g - eta * decoupled * params[name]
+        return out
+
+    return step
+
+
 # ---------------------------------------------------------------- trees and problems
 
 
