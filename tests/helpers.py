@@ -67,6 +67,27 @@ def write_image_folder(
     return expected
 
 
+def image_batch(n: int = 8, size: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
+    """``n`` random uint8 ``size`` x ``size`` RGB images and labels in 0..9."""
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        "label": rng.integers(0, 10, n).astype(np.int32),
+    }
+
+
+def train_state(model, tx=None, size: int = 32):
+    """A ``TrainState`` of ``model`` for ``size`` x ``size`` images; SGD
+    (0.01, momentum 0.9, weight decay 5e-4) unless ``tx`` is given."""
+    import sgdjax
+    from sgdjax import training
+
+    tx = tx or sgdjax.sgd(0.01, momentum=0.9, weight_decay=5e-4)
+    return training.TrainState.create(
+        model=model, tx=tx, rng=jax.random.key(0), sample_input=jnp.zeros((1, size, size, 3))
+    )
+
+
 # ---------------------------------------------------------------- transforms against references
 
 # Every core transform is run against a float64 plain-numpy reference loop written

@@ -1,73 +1,22 @@
-"""Models, train state and the pure train/eval steps, on tiny generated data."""
+"""sgdjax/training/_step.py: the pure train, multi-step and eval steps on tiny generated
+batches."""
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import image_batch, train_state
 
 import sgdjax
 from sgdjax import data, training
 
 
-def _batch(n=8, size=32, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-        "label": rng.integers(0, 10, n).astype(np.int32),
-    }
-
-
-def _state(model, tx=None, size=32):
-    tx = tx or sgdjax.sgd(0.01, momentum=0.9, weight_decay=5e-4)
-    return training.TrainState.create(
-        model=model, tx=tx, rng=jax.random.key(0), sample_input=jnp.zeros((1, size, size, 3))
-    )
-
-
-@pytest.mark.parametrize(
-    "model, size",
-    [
-        (training.ConvNet(), 32),
-        (training.ResNet9(), 16),
-        (training.ResNet18(stage_sizes=(1, 1, 1, 1)), 16),
-    ],
-    ids=["convnet", "resnet9", "resnet18_small"],
-)
-def test_one_real_training_step_per_model(model, size):
-    state = _state(model, size=size)
-    step = training.make_train_step(augment_fn=data.augment)
-    new_state, metrics = step(state, _batch(4, size))
-    assert set(metrics) == {"loss", "accuracy", "grad_norm", "learning_rate"}
-    chex.assert_tree_all_finite((new_state.params, metrics["loss"], metrics["grad_norm"]))
-    assert int(new_state.step) == 1
-    assert "batch_stats" in new_state.model_state
-
-
-def test_resnet18_has_the_standard_layout():
-    params = _state(training.ResNet18()).params
-    leaves = jax.tree.leaves(params)
-    assert len(leaves) == 62  # as torchvision's CIFAR ResNet-18: 62 parameter tensors
-    assert 11_100_000 < sum(x.size for x in leaves) < 11_200_000
-
-
-def test_reshape_max_pool_equals_flax_max_pool():
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))  # continuous values: no ties
-    chex.assert_trees_all_close(
-        training.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)), rtol=0, atol=0
-    )
-    weights = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
-    ours = jax.grad(lambda x: jnp.sum(training.max_pool_2x2(x) * weights))(x)
-    flax_grad = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)) * weights))(x)
-    chex.assert_trees_all_close(ours, flax_grad)
-
-
 def test_loss_decreases_on_a_fixed_batch():
-    state = _state(training.ConvNet(), tx=sgdjax.sgd(0.01, momentum=0.9))
+    state = train_state(training.ConvNet(), tx=sgdjax.sgd(0.01, momentum=0.9))
     step = training.make_train_step()
-    batch = _batch(16)
+    batch = image_batch(16)
     losses = []
     for _ in range(20):
         state, metrics = step(state, batch)
@@ -77,39 +26,39 @@ def test_loss_decreases_on_a_fixed_batch():
 
 def test_works_with_optax_and_reads_injected_learning_rate():
     tx = sgdjax.inject_hyperparams(optax.sgd)(learning_rate=0.03, momentum=0.9)
-    state = _state(training.ConvNet(), tx=tx)
-    _, metrics = training.make_train_step()(state, _batch())
+    state = train_state(training.ConvNet(), tx=tx)
+    _, metrics = training.make_train_step()(state, image_batch())
     np.testing.assert_allclose(metrics["learning_rate"], 0.03, rtol=1e-6)
     schedule = sgdjax.schedules.exponential_decay(0.1, gamma=0.5)
-    state = _state(training.ConvNet(), tx=sgdjax.sgd(schedule))
+    state = train_state(training.ConvNet(), tx=sgdjax.sgd(schedule))
     step = training.make_train_step(learning_rate_fn=schedule)
     for expected in (0.1, 0.05, 0.025):
-        state, metrics = step(state, _batch())
+        state, metrics = step(state, image_batch())
         np.testing.assert_allclose(metrics["learning_rate"], expected, rtol=1e-6)
 
 
 def test_step_donates_the_old_state():
-    state = _state(training.ConvNet())
+    state = train_state(training.ConvNet())
     old_kernel = jax.tree.leaves(state.params)[0]
-    new_state, _ = training.make_train_step()(state, _batch())
+    new_state, _ = training.make_train_step()(state, image_batch())
     assert old_kernel.is_deleted()
     assert not jax.tree.leaves(new_state.params)[0].is_deleted()
 
 
 def test_batch_stats_move_in_training_and_not_in_evaluation():
-    state = _state(training.ConvNet())
+    state = train_state(training.ConvNet())
     before = jax.tree.map(np.asarray, state.model_state)
     eval_step = training.make_eval_step()
-    eval_step(state, _batch())
+    eval_step(state, image_batch())
     chex.assert_trees_all_equal(before, jax.tree.map(np.asarray, state.model_state))
-    state, _ = training.make_train_step(donate=False)(state, _batch())
+    state, _ = training.make_train_step(donate=False)(state, image_batch())
     changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, state.model_state)
     assert all(jax.tree.leaves(changed))
 
 
 def test_evaluate_handles_a_partial_last_batch():
-    state = _state(training.ConvNet())
-    batch = _batch(23)
+    state = train_state(training.ConvNet())
+    batch = image_batch(23)
     eval_step = training.make_eval_step()
     whole = training.evaluate(eval_step, state, batch["image"], batch["label"], batch_size=23)
     chunked = training.evaluate(eval_step, state, batch["image"], batch["label"], batch_size=10)
@@ -118,8 +67,8 @@ def test_evaluate_handles_a_partial_last_batch():
 
 
 def test_bfloat16_compute_keeps_float32_params():
-    state = _state(training.ConvNet(dtype=jnp.bfloat16))
-    state, metrics = training.make_train_step()(state, _batch())
+    state = train_state(training.ConvNet(dtype=jnp.bfloat16))
+    state, metrics = training.make_train_step()(state, image_batch())
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
     chex.assert_tree_all_finite(metrics["loss"])
 
@@ -142,24 +91,24 @@ def test_cross_entropy_matches_torch():
 
 @pytest.mark.parametrize("unroll", [1, True])
 def test_multi_step_scan_equals_single_steps(unroll):
-    batches = [_batch(8, seed=i) for i in range(3)]
+    batches = [image_batch(8, seed=i) for i in range(3)]
     stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
     single = training.make_train_step(augment_fn=data.augment)
-    state_a = _state(training.ConvNet())
+    state_a = train_state(training.ConvNet())
     for batch in batches:
         state_a, metrics_a = single(state_a, batch)
     multi = training.make_multi_step(3, augment_fn=data.augment, unroll=unroll)
-    state_b, metrics_b = multi(_state(training.ConvNet()), stacked)
+    state_b, metrics_b = multi(train_state(training.ConvNet()), stacked)
     chex.assert_trees_all_close(state_a.params, state_b.params, rtol=1e-5, atol=1e-6)
     assert metrics_b["loss"].shape == (3,)
     np.testing.assert_allclose(metrics_b["loss"][-1], metrics_a["loss"], rtol=1e-5)
     with pytest.raises(ValueError, match="stack 3 batches"):
-        multi(_state(training.ConvNet()), batches[0])
+        multi(train_state(training.ConvNet()), batches[0])
 
 
 def test_flip_tta_averages_the_mirror_image():
-    state = _state(training.ConvNet())
-    batch = _batch(6)
+    state = train_state(training.ConvNet())
+    batch = image_batch(6)
     plain = training.make_eval_step(jit=False)
     tta = training.make_eval_step(tta="flip")
     mirrored = dict(batch, image=batch["image"][:, :, ::-1])
