@@ -21,8 +21,10 @@ import optax
 
 import sgdjax
 from sgdjax import schedules
+from sgdjax.training._weight_averaging import swa_every_epoch
 
-OPTIMIZERS = ("sgd", "sgdw", "lars", "schedule_free", "adam", "adamw", "nadam", "adagrad")
+OPTIMIZERS = ("sgd", "sgdw", "lars", "schedule_free", "asgd", "muon", "adam", "adamw", "nadam",
+              "adagrad")  # fmt: skip
 SCHEDULES = ("constant", "cosine", "onecycle", "triangle", "step", "multistep", "exponential")
 MODEL_NAMES = ("convnet", "resnet9", "resnet18", "speednet")
 APIS = ("linen", "nnx")
@@ -90,8 +92,11 @@ class Config:
     batch_size: int = _field(128, "training examples per step (over all devices)")
     optimizer: str = _field("sgd", "optimizer", choices=OPTIMIZERS)
     learning_rate: float = _field(0.05, "peak learning rate (see --hyperparameter-units)")
-    momentum: float = _field(0.9, "momentum (schedule_free: its b1; adam family: unused)")
-    nesterov: bool = _field(True, "Nesterov momentum (sgd, sgdw, lars)")
+    momentum: float = _field(
+        0.9, "momentum (schedule_free: its b1; muon: of the non-matrix parameters; asgd, "
+        "adam family: unused)"
+    )  # fmt: skip
+    nesterov: bool = _field(True, "Nesterov momentum (sgd, sgdw, lars, muon's non-matrix part)")
     dampening: float = _field(0.0, "momentum dampening (sgd, sgdw)")
     weight_decay: float = _field(5e-4, "weight decay (see --hyperparameter-units)")
     hyperparameter_units: str = _field(
@@ -122,6 +127,24 @@ class Config:
         0.05, "schedule_free: fraction of the run warming up linearly from 0"
     )
     trust_coefficient: float = _field(0.02, "lars: trust coefficient")
+    asgd_lambd: float = _field(
+        1e-4, "asgd: lambd of torch's ASGD, the step size lr / (1 + lambd lr t) ** alpha"
+    )
+    asgd_alpha: float = _field(0.75, "asgd: alpha, the power of the step-size decay")
+    asgd_start: float = _field(
+        0.5,
+        "asgd: fraction of the run's steps after which the iterates are averaged (torch's "
+        "t0); scored at the average, BatchNorm statistics recomputed",
+    )
+    muon_learning_rate: float = _field(
+        0.02,
+        "muon: peak learning rate of the matrix parameters (conv and dense kernels, "
+        "ndim >= 2); the others take Nesterov SGD at learning_rate",
+    )
+    muon_momentum: float = _field(0.95, "muon: momentum of the matrix parameters")
+    muon_weight_decay: float = _field(
+        0.0, "muon: decoupled weight decay of the matrix parameters (times their rate)"
+    )
     clip_norm: float | None = _field(None, "clip gradients by this global norm")
     label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy")
     lookahead_period: int | None = _field(
@@ -137,6 +160,18 @@ class Config:
     sam_rho: float | None = _field(None, "sharpness-aware minimization radius (unset: off)")
     ema_decay: float | None = _field(
         None, "keep a moving average of weights and BatchNorm statistics; evaluate it"
+    )
+    swa_start: float | None = _field(
+        None,
+        "stochastic weight averaging after this fraction of the epochs (first whole epoch "
+        "at or after it): the weights at each later epoch end averaged, the rate annealed "
+        "to swa_lr, scored at the average with BatchNorm statistics recomputed (unset: off)",
+    )
+    swa_lr: float = _field(
+        0.01, "SWA: the learning rate held after swa_start (torch's SWALR; torch's units)"
+    )
+    swa_anneal_epochs: float = _field(
+        1.0, "SWA: epochs of the cosine anneal from the schedule's rate to swa_lr"
     )
     diagnostics: bool = _field(False, "log per-layer gradient/update norms, draw diagnostics.png")
     max_bad_steps: int = _field(20, "stop after N non-finite steps in a row")
@@ -240,6 +275,15 @@ def _check(config: Config) -> None:
     need(config.exponential_final > 0, "exponential_final", "must be positive")
     need(0 <= config.warmup_fraction < 1, "warmup_fraction", "must lie in [0, 1)")
     need(config.trust_coefficient > 0, "trust_coefficient", "must be positive")
+    need(config.asgd_lambd >= 0, "asgd_lambd", "must be >= 0")
+    need(config.asgd_alpha >= 0, "asgd_alpha", "must be >= 0")
+    need(0 <= config.asgd_start < 1, "asgd_start", "must lie in [0, 1)")
+    need(config.muon_learning_rate > 0, "muon_learning_rate", "must be positive")
+    need(0 <= config.muon_momentum < 1, "muon_momentum", "must lie in [0, 1)")
+    need(config.muon_weight_decay >= 0, "muon_weight_decay", "must be >= 0")
+    need(config.swa_lr > 0, "swa_lr", "must be positive")
+    need(config.swa_anneal_epochs >= 0, "swa_anneal_epochs", "must be >= 0")
+    _check_averaging(config)
     need(config.clip_norm is None or config.clip_norm > 0, "clip_norm", "must be positive")
     need(0 <= config.label_smoothing < 1, "label_smoothing", "must lie in [0, 1)")
     need(0 <= config.lookahead_decay < 1, "lookahead_decay", "must lie in [0, 1)")
@@ -266,7 +310,7 @@ def _check(config: Config) -> None:
     if config.api == "nnx" and (config.model != "convnet" or config.whiten):
         raise ConfigError("api", f"nnx applies to convnet without whiten, not {config.model}"
                           f"{' with whiten' if config.whiten else ''}")  # fmt: skip
-    if config.optimizer in ("sgd", "sgdw", "lars") and config.nesterov:
+    if config.optimizer in ("sgd", "sgdw", "lars", "muon") and config.nesterov:
         if config.momentum == 0 or (config.optimizer != "lars" and config.dampening != 0):
             raise ConfigError(
                 "nesterov",
@@ -299,7 +343,46 @@ def _check(config: Config) -> None:
         raise ConfigError("weight_decay", f"is not finite in float32: {config.weight_decay!r}")
 
 
+def _check_averaging(config: Config) -> None:
+    """ASGD and SWA: a start that leaves epochs to average, and no second average."""
+    if config.optimizer == "asgd" or config.swa_start is not None:
+        if config.api != "linen":
+            name = "optimizer" if config.swa_start is None else "swa_start"
+            raise ConfigError(name, "needs api linen (BatchNorm statistics are recomputed "
+                              f"for the averaged weights), got api {config.api!r}")  # fmt: skip
+    if config.swa_start is None:
+        return
+    if not 0 < config.swa_start < 1:
+        raise ConfigError("swa_start", f"must lie in (0, 1), got {config.swa_start!r}")
+    if swa_start_epoch(config) >= config.total_epochs:
+        raise ConfigError(
+            "swa_start",
+            f"leaves no epoch to average: {config.swa_start!r} of {config.epochs!r} epochs "
+            f"starts at epoch {swa_start_epoch(config)}",
+        )
+    averaging = {
+        "ema_decay": config.ema_decay is not None,
+        "lookahead_period": config.lookahead_period is not None,
+        f"optimizer {config.optimizer}": config.optimizer in ("asgd", "schedule_free"),
+    }
+    clashes = [name for name, used in averaging.items() if used]
+    if clashes:
+        raise ConfigError("swa_start", f"cannot be combined with {', '.join(clashes)} (each "
+                          "scores other weights than the trajectory's)")  # fmt: skip
+
+
 # ---------------------------------------------------------------- optimizer
+
+
+def swa_start_epoch(config: Config) -> int:
+    """The whole epochs before SWA: ``ceil(swa_start * epochs)``; the weights at the ends
+    of the later epochs are averaged."""
+    return math.ceil(config.swa_start * config.epochs)
+
+
+def asgd_t0(config: Config, total_steps: int) -> int:
+    """ASGD's ``t0``: the iterates after step ``int(asgd_start * total_steps)`` are averaged."""
+    return int(config.asgd_start * total_steps)
 
 
 def sgd_hyperparameters(config: Config) -> tuple[float, float]:
@@ -365,7 +448,32 @@ def label_params(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def _base_optimizer(config: Config, schedule: Callable, weight_decay: float, scale: float = 1.0):
+def matrix_labels(params: Any) -> Any:
+    """Muon's parameter groups: ``muon`` for leaves with two or more axes (conv and dense
+    kernels), ``sgd`` for the rest (biases, BatchNorm scales and offsets)."""
+    return jax.tree.map(lambda leaf: "muon" if jnp.ndim(leaf) >= 2 else "sgd", params)
+
+
+def _muon_optimizer(config: Config, lr: Callable, weight_decay: float):
+    """Muon on the matrices (Flax's kernels are ``(..., in, out)``: ``matrix_layout=
+    "in_out"`` views a 3x3 conv kernel as the ``(9 in, out)`` matrix) at
+    ``muon_learning_rate`` times the schedule's shape; Nesterov SGD on the rest."""
+    ratio = config.muon_learning_rate / config.learning_rate
+    return sgdjax.multi_transform(
+        {
+            "muon": sgdjax.muon(
+                lambda count: ratio * lr(count), weight_decay=config.muon_weight_decay,
+                momentum=config.muon_momentum, matrix_layout="in_out",
+            ),
+            "sgd": sgdjax.sgd(lr, momentum=config.momentum, dampening=config.dampening,
+                              nesterov=config.nesterov, weight_decay=weight_decay),
+        },
+        matrix_labels,
+    )  # fmt: skip
+
+
+def _base_optimizer(config: Config, schedule: Callable, weight_decay: float, scale: float = 1.0,
+                    total_steps: int = 0):  # fmt: skip
     lr = schedule if scale == 1.0 else (lambda count: scale * schedule(count))
     options = dict(momentum=config.momentum, dampening=config.dampening,
                    nesterov=config.nesterov, weight_decay=weight_decay)  # fmt: skip
@@ -382,6 +490,11 @@ def _base_optimizer(config: Config, schedule: Callable, weight_decay: float, sca
         )  # fmt: skip
     if config.optimizer == "schedule_free":
         return sgdjax.schedule_free_sgd(lr, b1=config.momentum, weight_decay=weight_decay)
+    if config.optimizer == "asgd":
+        return sgdjax.asgd(lr, lambd=config.asgd_lambd, alpha=config.asgd_alpha,
+                           t0=asgd_t0(config, total_steps), weight_decay=weight_decay)  # fmt: skip
+    if config.optimizer == "muon":
+        return _muon_optimizer(config, lr, weight_decay)
     if config.optimizer == "adamw":
         return optax.adamw(lr, weight_decay=weight_decay)
     optax_optimizer = {"adam": optax.adam, "nadam": optax.nadam, "adagrad": optax.adagrad}
@@ -414,16 +527,31 @@ def _grouped_optimizer(config: Config, schedule: Callable, steps_per_epoch: int)
     )
 
 
+def _swa_schedule(config: Config, schedule: Callable, steps_per_epoch: int) -> Callable:
+    """torch's SWA recipe: ``schedule`` for the epochs before ``swa_start``, then SWALR
+    from the rate reached there to ``swa_lr`` over ``swa_anneal_epochs``, held after."""
+    start = swa_start_epoch(config) * steps_per_epoch
+    anneal = schedules.swa_lr(
+        float(schedule(start)), config.swa_lr,
+        anneal_steps=int(config.swa_anneal_epochs * steps_per_epoch),
+    )  # fmt: skip
+    return schedules.join([schedule, anneal], boundaries=[start])
+
+
 def make_optimizer(
     config: Config, steps_per_epoch: int, total_steps: int | None = None
 ) -> tuple[optax.GradientTransformation, Callable]:
     """The optimizer named by ``config`` and its learning-rate schedule.
 
     sgdjax's ``sgd``, ``sgdw``, ``lars`` (biases and BatchNorm excluded) and
-    ``schedule_free`` (schedule-free SGD; the schedule then only warms up), or optax's
+    ``schedule_free`` (schedule-free SGD; the schedule then only warms up), ``asgd``
+    (torch's ASGD, averaging after :func:`asgd_t0`), ``muon`` (Muon on the matrices,
+    Nesterov SGD on the rest, :func:`matrix_labels`), or optax's
     ``adam``, ``adamw``, ``nadam`` and ``adagrad`` to compare against; with ``whiten``
     or ``bias_scaler`` the parameter groups of the speed run; optional clipping by
-    global norm in front; optional diagnostics; the whole chain wrapped in
+    global norm in front; with ``swa_start`` torch's SWA recipe (the schedule, then
+    SWALR to ``swa_lr``; the per-epoch average kept by :func:`swa_every_epoch`);
+    optional diagnostics; the whole chain wrapped in
     ``skip_non_finite`` so a NaN step is skipped, not applied.
 
     Args:
@@ -434,10 +562,16 @@ def make_optimizer(
     if total_steps is None:
         total_steps = math.ceil(config.epochs * steps_per_epoch)
     schedule = make_schedule(config, total_steps)
+    if config.swa_start is not None:
+        schedule = _swa_schedule(config, schedule, steps_per_epoch)
     if config.whiten or config.bias_scaler != 1:
         tx = _grouped_optimizer(config, schedule, steps_per_epoch)
     else:
-        tx = _base_optimizer(config, schedule, sgd_hyperparameters(config)[1])
+        weight_decay = sgd_hyperparameters(config)[1]
+        tx = _base_optimizer(config, schedule, weight_decay, total_steps=total_steps)
+    if config.swa_start is not None:
+        start = swa_start_epoch(config) * steps_per_epoch
+        tx = sgdjax.chain(tx, swa_every_epoch(steps_per_epoch, start, total_steps))
     if config.clip_norm is not None:
         tx = sgdjax.chain(sgdjax.clip_by_global_norm(config.clip_norm), tx)
     if config.diagnostics:

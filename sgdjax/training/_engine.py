@@ -51,7 +51,7 @@ from sgdjax.parallel import (
     is_primary,
 )
 from sgdjax.training import _checkpoint, _report
-from sgdjax.training._config import Config, make_optimizer
+from sgdjax.training._config import Config, asgd_t0, make_optimizer
 from sgdjax.training._models import create_model
 from sgdjax.training._nnx import nnx_convnet_like
 from sgdjax.training._parallel import Placement, make_placement, needs_bn_axis
@@ -66,6 +66,7 @@ from sgdjax.training._rundir import (
 from sgdjax.training._speednet import Whitened, kernel_from_covariance, patch_covariance
 from sgdjax.training._state import TrainState
 from sgdjax.training._step import example_keys, make_eval_step, make_train_step
+from sgdjax.training._weight_averaging import averaged_params, with_averaged_weights
 
 MAX_TOTAL_STEPS = 2**31 - 1  # the step counter is int32
 
@@ -350,6 +351,7 @@ class Engine:
         shares = self.placement.num_devices if self.placement.shard_data else 1
         self.host_fed = not fits_on_device(config, data_bytes // shares)
         self.compile_seconds: float | None = None  # set by prepare
+        self._statistics_images = None  # the training images, read when first scored
 
     def prepare(self) -> None:
         """Places the data and compiles every program the run needs (once).
@@ -386,14 +388,14 @@ class Engine:
             )
         return placement
 
-    def _model(self):
+    def _model(self, *, bn_axis: bool = True):
         config = self.config
         model = create_model(
             config.model,
             widths=config.widths,
             num_classes=self.num_classes,
             dtype=jnp.bfloat16 if config.bf16 else jnp.float32,
-            bn_axis_name=DATA_AXIS if needs_bn_axis(config.parallel) else None,
+            bn_axis_name=DATA_AXIS if bn_axis and needs_bn_axis(config.parallel) else None,
         )
         if config.api == "nnx":  # the same network and initial weights, run through NNX
             return nnx_convnet_like(model)
@@ -544,9 +546,26 @@ class Engine:
                 f"{int(values['step'])}); stopping"
             )
 
+    def scored_state(self, state: TrainState) -> TrainState:
+        """``state``, or once ASGD or SWA averages, the average with BatchNorm statistics
+        recomputed over the training images (see ``_weight_averaging``)."""
+        config = self.config
+        t0 = asgd_t0(config, self.plan.total_steps) if config.optimizer == "asgd" else None
+        params = averaged_params(state.opt_state, t0)
+        if params is None:
+            return state
+        if self._statistics_images is None:
+            self._statistics_images = read_rows(
+                self.dataset.train_images, self.dataset.train_labels, self._train_rows
+            )[0]
+            self._statistics_model = self._model(bn_axis=False)
+        return with_averaged_weights(self._statistics_model, state, params,
+                                     self._statistics_images, config.batch_size)  # fmt: skip
+
     def evaluate(self, state: TrainState) -> dict[str, float]:
-        """Test loss and accuracy of ``state`` (the EMA or schedule-free average if kept)."""
-        placed = self.eval_placement.place_state(state)
+        """Test loss and accuracy of ``state`` (the EMA, schedule-free, ASGD or SWA
+        average if kept: :meth:`scored_state`)."""
+        placed = self.eval_placement.place_state(self.scored_state(state))
         totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
         pending = [self._eval_programs[size](placed, *self.test_data, np.int32(first))
                    for first, size in self._eval_chunks]  # fmt: skip
