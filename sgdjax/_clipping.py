@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from sgdjax import _base
+from sgdjax import _base, _flatten
 
 
 def _stateless(update_leaves) -> optax.GradientTransformationExtraArgs:
@@ -66,7 +66,7 @@ def global_norm(tree) -> jax.Array:
     References:
       ``optax.global_norm`` (same value).
     """
-    leaves = jax.tree.leaves(tree)
+    leaves = _flatten.leaf_views(tree)
     if not leaves:
         return jnp.zeros([], jnp.float32)
     return jnp.sqrt(sum(sum_of_squares(leaf) for leaf in leaves))
@@ -148,7 +148,9 @@ def clip(max_delta: ArrayLike) -> optax.GradientTransformation:
             )
         return jnp.clip(g, -max_delta, max_delta).astype(g.dtype)
 
-    return _stateless(lambda updates, params: jax.tree.map(clip_leaf, updates))
+    return _flatten.mark_elementwise(
+        _stateless(lambda updates, params: jax.tree.map(clip_leaf, updates))
+    )
 
 
 def clip_by_norm(max_norm: ArrayLike) -> optax.GradientTransformation:
@@ -221,7 +223,7 @@ def clip_by_global_norm(
 
     def update_leaves(updates, params):
         del params
-        leaves = jax.tree.leaves(updates)
+        leaves = _flatten.leaf_views(updates)
         if not leaves:
             return updates
         if norm_type == 2.0:
@@ -230,7 +232,9 @@ def clip_by_global_norm(
             norm = _global_p_norm(leaves, norm_type)
         return jax.tree.map(lambda g: _rescale(g, norm, max_norm), updates)
 
-    return _stateless(update_leaves)
+    # On flat buffers the norm adds the same per-leaf partial sums in the same order
+    # (``_flatten.leaf_views``), so both layouts give bitwise the same update.
+    return _flatten.mark_elementwise(_stateless(update_leaves))
 
 
 def unitwise_norm(x: jax.Array) -> jax.Array:

@@ -114,8 +114,53 @@ def flatten(inner: optax.GradientTransformation) -> optax.GradientTransformation
 def _flat_update(inner, updates, state, params, **extra_args):
     groups = _groups(updates)
     flat_params = None if params is None else _pack(params, groups)
-    flat_updates, state = inner.update(_pack(updates, groups), state, flat_params, **extra_args)
+    token = _FLAT_SEGMENTS.set(_segments(updates, groups))
+    try:
+        flat_updates, state = inner.update(_pack(updates, groups), state, flat_params, **extra_args)
+    finally:
+        _FLAT_SEGMENTS.reset(token)
     return _unpack(flat_updates, updates, groups), state
+
+
+# Inside a flat update: where each leaf of the params lies in the flat buffers, so that
+# reductions over all values (a global norm) add per-leaf partial sums in leaf order,
+# as they do per leaf, and give bitwise the same numbers.
+_FLAT_SEGMENTS = contextvars.ContextVar("sgdjax_flat_segments", default=None)
+
+
+def _segments(tree: Any, groups: dict[str, list[int]]) -> tuple:
+    """``((name, start, stop), ...)`` of each leaf of ``tree`` in leaf order, and totals."""
+    leaves = jax.tree.leaves(tree)
+    found: list[Any] = [None] * len(leaves)
+    totals = {}
+    for name, indices in groups.items():
+        start = 0
+        for i in indices:
+            stop = start + math.prod(np.shape(leaves[i]))
+            found[i] = (name, start, stop)
+            start = stop
+        totals[name] = start
+    return tuple(found), totals
+
+
+def leaf_views(tree: Any) -> list[jax.Array]:
+    """The leaves of ``tree`` as 1-D arrays, in the params' leaf order in either layout.
+
+    Per leaf, each leaf reshaped to 1-D. Inside a flat update, when ``tree`` is the flat
+    buffers themselves, the slice of each original leaf, in the original leaf order. A
+    reduction that sums per-leaf partial sums of these views in order (as
+    :func:`sgdjax.global_norm` does) gives bitwise the same value in both layouts.
+    """
+    layout = _FLAT_SEGMENTS.get()
+    if layout is not None:
+        segments, totals = layout
+        if (
+            isinstance(tree, dict)
+            and set(tree) == set(totals)
+            and all(np.shape(tree[name]) == (total,) for name, total in totals.items())
+        ):
+            return [tree[name][start:stop] for name, start, stop in segments]
+    return [jnp.reshape(leaf, (-1,)) for leaf in jax.tree.leaves(tree)]
 
 
 # ---------------------------------------------------------------- the automatic layout

@@ -1,5 +1,6 @@
 """The automatic layout (flat buffers for many small leaves) and the recomputed temporary."""
 
+import math
 import re
 
 import chex
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import sgdjax
 from sgdjax import _flatten
@@ -62,6 +64,78 @@ def test_flat_layout_gives_bitwise_the_per_leaf_results():
     assert jax.tree.leaves(flat_state[1].momentum_buffer)[0].ndim == 1
     assert jax.tree.leaves(leaf_state[1].momentum_buffer)[0].ndim == 2
     chex.assert_trees_all_equal(flat_params, leaf_params)
+
+
+def _mixed_dtypes(count=40, seed=1):
+    """Small leaves of float32 and bfloat16 interleaved, so the two flat buffers'
+    segments alternate in leaf order; gradients large enough that clipping acts."""
+    rng = np.random.default_rng(seed)
+    shapes = [(int(rng.integers(2, 9)), int(rng.integers(2, 9))) for _ in range(count)]
+    dtypes = [jnp.float32 if i % 3 else jnp.bfloat16 for i in range(count)]
+
+    def draw(scale):
+        return [jnp.asarray(rng.normal(size=s) * scale, d) for s, d in zip(shapes, dtypes)]
+
+    return draw(1.0), [draw(10.0) for _ in range(4)]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf])
+@pytest.mark.parametrize("make_tree", [_many_small, _mixed_dtypes])
+def test_chain_with_global_norm_clip_runs_flat_with_bitwise_the_per_leaf_results(
+    make_tree, norm_type
+):
+    params, grads = make_tree()
+
+    def clips():
+        return sgdjax.clip_by_global_norm(1.0, norm_type=norm_type), sgdjax.clip(0.5)
+
+    tx = sgdjax.chain(*clips(), sgdjax.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-2))
+    flat_params, flat_state = _run(tx, params, grads)
+    # The clip, the decay, the momentum and the learning rate all ran on flat buffers.
+    buffers = optax.tree_utils.tree_get(flat_state, "momentum_buffer")
+    assert sorted(buffers) == sorted({jnp.dtype(p.dtype).name for p in params})
+    leaf_params, leaf_state = _run(
+        optax.chain(*clips(), _per_leaf_sgd(0.05, 0.9, 1e-2)), params, grads
+    )
+    assert jax.tree.leaves(optax.tree_utils.tree_get(leaf_state, "momentum_buffer"))[0].ndim == 2
+    chex.assert_trees_all_equal(flat_params, leaf_params)
+    chex.assert_trees_all_equal(
+        jax.tree.leaves(buffers),
+        jax.tree.leaves(_flatten._pack(
+            optax.tree_utils.tree_get(leaf_state, "momentum_buffer"), _flatten._groups(params)
+        )),
+    )  # fmt: skip
+    # Not jitted: flat and per leaf agree again.
+    reference = optax.chain(*clips(), _per_leaf_sgd(0.05, 0.9, 1e-2))
+    chex.assert_trees_all_equal(
+        _run(tx, params, grads, jit=False)[0], _run(reference, params, grads, jit=False)[0]
+    )
+
+
+def test_global_norm_on_flat_buffers_adds_the_per_leaf_sums_in_leaf_order():
+    params, grads = _mixed_dtypes()
+    reference = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads[0]))
+    per_leaf = sgdjax.global_norm(grads[0])
+    np.testing.assert_allclose(float(per_leaf), reference, rtol=1e-6)
+    seen = {}
+
+    def record(updates, state, params=None):
+        seen["views"] = [v.shape for v in _flatten.leaf_views(updates)]
+        seen["norm"] = sgdjax.global_norm(updates)
+        return updates, state
+
+    inner = optax.GradientTransformation(lambda p: optax.EmptyState(), record)
+    jax.jit(lambda g: sgdjax.flatten(inner).update(g, optax.EmptyState()))(grads[0])
+    assert seen["views"] == [(g.size,) for g in grads[0]]
+    flat_norm = jax.jit(
+        lambda g: sgdjax.flatten(
+            optax.GradientTransformation(
+                lambda p: optax.EmptyState(),
+                lambda u, s, p=None: ({k: sgdjax.global_norm(u) + 0 * v for k, v in u.items()}, s),
+            )
+        ).update(g, optax.EmptyState())[0]
+    )(grads[0])
+    assert all(float(jnp.ravel(leaf)[0]) == float(per_leaf) for leaf in flat_norm)
 
 
 def test_recomputing_the_nesterov_temporary_gives_bitwise_the_stored_form():
