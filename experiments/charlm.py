@@ -355,9 +355,14 @@ def train_and_evaluate(
     import numpy as np
     from tqdm import tqdm
 
-    from sgdjax.training import Checkpointer, TrainState
-    from sgdjax.training._report import environment, plot_curves
-    from sgdjax.training._rundir import write_json_atomic, write_jsonl_atomic
+    from sgdjax.training import (
+        Checkpointer,
+        TrainState,
+        environment,
+        plot_curves,
+        write_json_atomic,
+        write_jsonl_atomic,
+    )
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ from sgdjax.training._parallel import (
     needs_bn_axis,
 )
 from sgdjax.training._preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionGuard
+from sgdjax.training._report import environment, plot_curves
 from sgdjax.training._rundir import (
     RunDirectoryLocked,
     RunLock,
@@ -65,7 +66,6 @@ from sgdjax.training._step import (
 )
 from sgdjax.training._swa_bn import recompute_batch_stats
 from sgdjax.training._tensorboard import ScalarWriter
-from sgdjax.training._weight_averaging import SwaEpochState, swa_every_epoch
 
 __all__ = [
     "CheckpointError",
@@ -97,13 +97,13 @@ __all__ = [
     "ScalarWriter",
     "SetupError",
     "SpeedNet",
-    "SwaEpochState",
     "TrainState",
     "Whitened",
     "config_differences",
     "create_model",
     "cross_entropy",
     "default_preprocess",
+    "environment",
     "evaluate",
     "find_learning_rate",
     "load_linen_variables",
@@ -118,10 +118,10 @@ __all__ = [
     "needs_bn_axis",
     "nnx_convnet_like",
     "plan_run",
+    "plot_curves",
     "read_jsonl",
     "recompute_batch_stats",
     "steps_per_program",
-    "swa_every_epoch",
     "train_and_evaluate",
     "train_seeds",
     "tta_logits",
