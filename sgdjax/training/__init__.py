@@ -66,6 +66,7 @@ from sgdjax.training._step import (
 )
 from sgdjax.training._swa_bn import recompute_batch_stats
 from sgdjax.training._tensorboard import ScalarWriter
+from sgdjax.training._weight_averaging import SwaEpochState, swa_every_epoch
 
 __all__ = [
     "CheckpointError",
@@ -97,6 +98,7 @@ __all__ = [
     "ScalarWriter",
     "SetupError",
     "SpeedNet",
+    "SwaEpochState",
     "TrainState",
     "Whitened",
     "config_differences",
@@ -122,6 +124,7 @@ __all__ = [
     "read_jsonl",
     "recompute_batch_stats",
     "steps_per_program",
+    "swa_every_epoch",
     "train_and_evaluate",
     "train_seeds",
     "tta_logits",
