@@ -530,3 +530,16 @@ def test_swa_every_epoch_checks_its_arguments():
         training.swa_every_epoch(0, 0, 10)
     with pytest.raises(ValueError, match="start_step"):
         training.swa_every_epoch(5, -1, 10)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(optimizer="asgd", asgd_start=0.3), dict(swa_start=0.25)], ids=["asgd", "swa"]
+)
+def test_averaged_scores_sharded_over_8_devices_equal_one_device(tmp_path, options):
+    dataset = _tiny_dataset(train=48)
+    scores = {}
+    for parallel in ("none", "sharded"):
+        config = training.Config(batch_size=16, epochs=4, parallel=parallel, **PLAIN, **options)
+        engine = training.Engine(config, dataset, log=lambda message: None)
+        scores[parallel] = engine.run(0, tmp_path / parallel, progress=False)["test_loss"]
+    np.testing.assert_allclose(scores["sharded"], scores["none"], rtol=1e-4)
