@@ -1,15 +1,18 @@
 """sgdjax/_clipping.py: clipping by value, per-leaf norm, global norm and AGC against
-a float64 numpy reference, optax and golden values.
+a float64 numpy reference, optax and golden values; ``norm_type`` against torch.
 """
 
 import math
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
+import torch
 from absl.testing import parameterized
-from helpers import check_against_reference, random_tree, run_transform
+from helpers import check_against_reference, mixed_tree, random_tree, run_transform
 
 import sgdjax
 
@@ -114,3 +117,49 @@ class TestClipping(chex.TestCase):
         tx = sgdjax.adaptive_grad_clip(1.0)
         u, _ = tx.update(big, tx.init(w), w)  # ||W|| = 64: the gradient is scaled to norm 64
         np.testing.assert_allclose(np.asarray(u["w"], np.float32), 1.0, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- norm_type
+
+
+def _torch_clip(tree, max_norm, norm_type):
+    tensors = [torch.tensor(np.asarray(x), dtype=torch.float64) for x in jax.tree.leaves(tree)]
+    for t in tensors:
+        t.grad = t.detach().clone()
+    total = torch.nn.utils.clip_grad_norm_(tensors, max_norm, norm_type=norm_type)
+    return float(total), [t.grad.numpy() for t in tensors]
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0, 0.5, 7.5, float("inf")])
+@pytest.mark.parametrize("max_norm", [0.3, 1e4])
+def test_clip_by_global_norm_norm_type_equals_torch(norm_type, max_norm):
+    tree = mixed_tree(jnp.float32, seed=3)
+    total, expected = _torch_clip(tree, max_norm, norm_type)
+    assert (total > max_norm) == (max_norm == 0.3)  # one case clips, the other does not
+    tx = sgdjax.clip_by_global_norm(max_norm, norm_type=norm_type)
+    for update in (tx.update, jax.jit(tx.update)):
+        got, _ = update(tree, optax.EmptyState())
+        # torch divides by ||g||_p + 1e-6, sgdjax by ||g||_p: 1e-6 / ||g|| relative
+        for g, e in zip(jax.tree.leaves(got), expected):
+            np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-7)
+
+
+def test_clip_by_global_norm_norm_type_against_numpy_and_golden_values():
+    tree = {"a": jnp.array([3.0, -4.0]), "b": jnp.array([[12.0]])}
+    # ||.||_1 = 19, ||.||_2 = 13, ||.||_inf = 12
+    for norm_type, norm in ((1, 19.0), (2, 13.0), (float("inf"), 12.0)):
+        got, _ = sgdjax.clip_by_global_norm(1.0, norm_type=norm_type).update(tree, None)
+        chex.assert_trees_all_close(got, jax.tree.map(lambda x, n=norm: x / n, tree), rtol=1e-6)
+    # p = 3: (27 + 64 + 1728) ** (1/3) = 1819 ** (1/3)
+    got, _ = sgdjax.clip_by_global_norm(1.0, norm_type=3).update(tree, None)
+    chex.assert_trees_all_close(got, jax.tree.map(lambda x: x / 1819 ** (1 / 3), tree), rtol=1e-6)
+    # large p does not overflow float32 (100 ** 30 = 1e60)
+    big = {"a": jnp.array([100.0, 100.0])}
+    got, _ = sgdjax.clip_by_global_norm(1.0, norm_type=30).update(big, None)
+    chex.assert_trees_all_close(got, {"a": jnp.full(2, 100.0 / (2 ** (1 / 30) * 100.0))})
+
+
+@pytest.mark.parametrize("norm_type", [0, -1.0, float("nan"), "2", True])
+def test_clip_by_global_norm_rejects_bad_norm_types(norm_type):
+    with pytest.raises(ValueError, match="norm_type"):
+        sgdjax.clip_by_global_norm(1.0, norm_type=norm_type)

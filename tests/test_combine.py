@@ -114,3 +114,22 @@ def test_apply_updates_keeps_params_where_updates_are_none():
     new = sgdjax.apply_updates(params, {"w": jnp.ones(2), "b": None})
     np.testing.assert_array_equal(new["w"], 2.0)
     np.testing.assert_array_equal(new["b"], 1.0)
+
+
+# ---------------------------------------------------------------- inject_hyperparams
+
+
+def test_inject_hyperparams_accepts_a_single_static_name():
+    factory = sgdjax.inject_hyperparams(sgdjax.sgdw, static_args="mask")
+    tx = factory(0.1, momentum=0.9, weight_decay=1e-2, mask={"w": True, "b": False})
+    state = tx.init({"w": jnp.ones(2), "b": jnp.ones(2)})
+    assert "mask" not in state.hyperparams and "learning_rate" in state.hyperparams
+    tx = sgdjax.inject_hyperparams(sgdjax.sgd, static_args="momentum")(0.1, momentum=0.9)
+    assert "momentum" not in tx.init(jnp.ones(2)).hyperparams
+    with pytest.raises(ValueError, match=r"static_args names \['moment'\]"):
+        sgdjax.inject_hyperparams(sgdjax.sgd, static_args="moment")
+    # norm_type chooses the computation: always static, never injected
+    tx = sgdjax.inject_hyperparams(sgdjax.clip_by_global_norm)(1.0, norm_type=1)
+    state = tx.init(jnp.ones(2))
+    assert set(state.hyperparams) == {"max_norm"}
+    chex.assert_trees_all_close(tx.update(jnp.full(2, 3.0), state)[0], jnp.full(2, 0.5))

@@ -1,9 +1,10 @@
 """Regression tests for defects found by running sgdjax the way its users run it.
 
-Each test reproduces one defect: building factories inside transformed functions,
-complex parameters, extra arguments, ``inject_hyperparams``'s ``static_args``, a
-non-finite update from finite gradients, reading the step count, and
-``clip_by_global_norm``'s ``norm_type`` (against ``torch.nn.utils.clip_grad_norm_``).
+Each test reproduces one defect that cuts across modules: building factories inside
+transformed functions, complex parameters, extra arguments and reading the step count.
+The defects of one module are tested with that module (``inject_hyperparams``'s
+``static_args`` in test_combine.py, an overflowing update in test_skip.py,
+``clip_by_global_norm``'s ``norm_type`` in test_clipping.py).
 """
 
 import inspect
@@ -14,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 from helpers import complex_quadratic, minimise, mixed_tree
 
 import sgdjax
@@ -268,44 +268,6 @@ def test_every_sgdjax_leaf_transform_ignores_extra_arguments():
         chex.assert_trees_all_equal(plain, extra)
 
 
-# ---------------------------------------------------------------- inject_hyperparams
-
-
-def test_inject_hyperparams_accepts_a_single_static_name():
-    factory = sgdjax.inject_hyperparams(sgdjax.sgdw, static_args="mask")
-    tx = factory(0.1, momentum=0.9, weight_decay=1e-2, mask={"w": True, "b": False})
-    state = tx.init({"w": jnp.ones(2), "b": jnp.ones(2)})
-    assert "mask" not in state.hyperparams and "learning_rate" in state.hyperparams
-    tx = sgdjax.inject_hyperparams(sgdjax.sgd, static_args="momentum")(0.1, momentum=0.9)
-    assert "momentum" not in tx.init(jnp.ones(2)).hyperparams
-    with pytest.raises(ValueError, match=r"static_args names \['moment'\]"):
-        sgdjax.inject_hyperparams(sgdjax.sgd, static_args="moment")
-    # norm_type chooses the computation: always static, never injected
-    tx = sgdjax.inject_hyperparams(sgdjax.clip_by_global_norm)(1.0, norm_type=1)
-    state = tx.init(jnp.ones(2))
-    assert set(state.hyperparams) == {"max_norm"}
-    chex.assert_trees_all_close(tx.update(jnp.full(2, 3.0), state)[0], jnp.full(2, 0.5))
-
-
-# ---------------------------------------------------------------- skip_non_finite
-
-
-def test_skip_non_finite_skips_an_overflowing_update_from_finite_gradients():
-    # learning rate 1e38: -1e38 * (g + 0.9 b) overflows float32 once |g + 0.9 b| > 3.4
-    tx = sgdjax.skip_non_finite(sgdjax.sgd(1e38, momentum=0.9))
-    params = {"w": jnp.ones(3)}
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    updates, state = update({"w": jnp.full(3, 1e-3)}, state, params)  # finite: applied
-    assert int(state.skipped_steps) == 0
-    before = state.inner_state
-    updates, state = update({"w": jnp.full(3, 10.0)}, state, params)  # overflows
-    chex.assert_trees_all_equal(updates, {"w": jnp.zeros(3)})
-    chex.assert_trees_all_equal(state.inner_state, before)
-    assert int(state.skipped_steps) == 1 and int(state.consecutive_skipped) == 1
-    assert not bool(state.last_finite)
-
-
 # ---------------------------------------------------------------- the step count
 
 
@@ -333,49 +295,3 @@ def test_the_step_is_read_as_documented(make):
     # every counter in the state counts the same steps
     counts = optax.tree_utils.tree_get_all_with_path(state, "count")
     assert counts and all(int(count) == 3 for _, count in counts)
-
-
-# ---------------------------------------------------------------- norm_type
-
-
-def _torch_clip(tree, max_norm, norm_type):
-    tensors = [torch.tensor(np.asarray(x), dtype=torch.float64) for x in jax.tree.leaves(tree)]
-    for t in tensors:
-        t.grad = t.detach().clone()
-    total = torch.nn.utils.clip_grad_norm_(tensors, max_norm, norm_type=norm_type)
-    return float(total), [t.grad.numpy() for t in tensors]
-
-
-@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0, 0.5, 7.5, float("inf")])
-@pytest.mark.parametrize("max_norm", [0.3, 1e4])
-def test_clip_by_global_norm_norm_type_equals_torch(norm_type, max_norm):
-    tree = mixed_tree(jnp.float32, seed=3)
-    total, expected = _torch_clip(tree, max_norm, norm_type)
-    assert (total > max_norm) == (max_norm == 0.3)  # one case clips, the other does not
-    tx = sgdjax.clip_by_global_norm(max_norm, norm_type=norm_type)
-    for update in (tx.update, jax.jit(tx.update)):
-        got, _ = update(tree, optax.EmptyState())
-        # torch divides by ||g||_p + 1e-6, sgdjax by ||g||_p: 1e-6 / ||g|| relative
-        for g, e in zip(jax.tree.leaves(got), expected):
-            np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-7)
-
-
-def test_clip_by_global_norm_norm_type_against_numpy_and_golden_values():
-    tree = {"a": jnp.array([3.0, -4.0]), "b": jnp.array([[12.0]])}
-    # ||.||_1 = 19, ||.||_2 = 13, ||.||_inf = 12
-    for norm_type, norm in ((1, 19.0), (2, 13.0), (float("inf"), 12.0)):
-        got, _ = sgdjax.clip_by_global_norm(1.0, norm_type=norm_type).update(tree, None)
-        chex.assert_trees_all_close(got, jax.tree.map(lambda x, n=norm: x / n, tree), rtol=1e-6)
-    # p = 3: (27 + 64 + 1728) ** (1/3) = 1819 ** (1/3)
-    got, _ = sgdjax.clip_by_global_norm(1.0, norm_type=3).update(tree, None)
-    chex.assert_trees_all_close(got, jax.tree.map(lambda x: x / 1819 ** (1 / 3), tree), rtol=1e-6)
-    # large p does not overflow float32 (100 ** 30 = 1e60)
-    big = {"a": jnp.array([100.0, 100.0])}
-    got, _ = sgdjax.clip_by_global_norm(1.0, norm_type=30).update(big, None)
-    chex.assert_trees_all_close(got, {"a": jnp.full(2, 100.0 / (2 ** (1 / 30) * 100.0))})
-
-
-@pytest.mark.parametrize("norm_type", [0, -1.0, float("nan"), "2", True])
-def test_clip_by_global_norm_rejects_bad_norm_types(norm_type):
-    with pytest.raises(ValueError, match="norm_type"):
-        sgdjax.clip_by_global_norm(1.0, norm_type=norm_type)

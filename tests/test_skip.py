@@ -1,4 +1,5 @@
-"""sgdjax/_skip.py: skip_non_finite against a float64 numpy reference and its counters."""
+"""sgdjax/_skip.py: skip_non_finite against a float64 numpy reference, its counters, and an
+update that overflows from finite gradients."""
 
 import chex
 import jax
@@ -45,3 +46,22 @@ class TestSkipNonFinite(chex.TestCase):
         _, state = update({"w": jnp.ones(3)}, state, params)
         assert int(state.skipped_steps) == 2 and int(state.consecutive_skipped) == 0
         assert bool(state.last_finite)
+
+
+# ---------------------------------------------------------------- skip_non_finite
+
+
+def test_skip_non_finite_skips_an_overflowing_update_from_finite_gradients():
+    # learning rate 1e38: -1e38 * (g + 0.9 b) overflows float32 once |g + 0.9 b| > 3.4
+    tx = sgdjax.skip_non_finite(sgdjax.sgd(1e38, momentum=0.9))
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    updates, state = update({"w": jnp.full(3, 1e-3)}, state, params)  # finite: applied
+    assert int(state.skipped_steps) == 0
+    before = state.inner_state
+    updates, state = update({"w": jnp.full(3, 10.0)}, state, params)  # overflows
+    chex.assert_trees_all_equal(updates, {"w": jnp.zeros(3)})
+    chex.assert_trees_all_equal(state.inner_state, before)
+    assert int(state.skipped_steps) == 1 and int(state.consecutive_skipped) == 1
+    assert not bool(state.last_finite)
