@@ -148,6 +148,37 @@ def check_out(out: str, parser: argparse.ArgumentParser) -> Path:
     return path
 
 
+def _device_flags(args) -> tuple[str, ...]:
+    """The flags given that choose devices or a parallel mode (they win)."""
+    names = ("host_devices", "parallel", "num_devices")
+    return tuple(_flag(name) for name in names if getattr(args, name) is not None)
+
+
+def arrange_devices(config, dataset, args):
+    """The run's CPU arrangement when no flag chooses one (``sgdjax.parallel.arrange_cpu``,
+    after ``split_cpu`` in ``main``), printed; the config to train with."""
+    from sgdjax.parallel import arrange_cpu
+
+    train = len(dataset.train_images)
+    if config.train_subset is not None:
+        train = min(config.train_subset, train)
+    test = len(dataset.test_images)
+    if config.test_subset is not None:
+        test = min(config.test_subset, test)
+    arrangement = arrange_cpu(
+        batch_size=config.batch_size // config.accumulate,
+        divides=(train, min(config.eval_batch_size, test)),
+        explicit=_device_flags(args),
+        processes=args.processes,
+    )
+    print(f"devices: {arrangement.reason}")
+    if arrangement.parallel is None:
+        return config
+    return dataclasses.replace(
+        config, parallel=arrangement.parallel, num_devices=arrangement.host_devices
+    )
+
+
 def load_data(args, parser):
     from sgdjax import data
 
@@ -173,12 +204,21 @@ def main(argv: list[str] | None = None) -> dict:
     from sgdjax.parallel import initialize_distributed
 
     try:
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        distributed = initialize_distributed(args.coordinator, args.num_processes,
+                                             args.process_id)  # fmt: skip
     except ValueError as error:
         parser.error(str(error))
     config = make_config(args, parser)
+    import jax
+
+    from sgdjax.parallel import split_cpu
+
+    args.processes = jax.process_count() if distributed else 1
+    split_cpu(batch_size=config.batch_size // config.accumulate,
+              explicit=_device_flags(args), processes=args.processes)  # fmt: skip
     out = check_run_flags(config, args, parser)
     dataset = load_data(args, parser)
+    config = arrange_devices(config, dataset, args)
 
     from sgdjax import training
     from sgdjax.parallel import ProcessMismatchError

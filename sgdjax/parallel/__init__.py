@@ -16,7 +16,14 @@ from sgdjax.parallel._distributed import (
     process_allgather_bytes,
     process_rows,
 )
-from sgdjax.parallel._host import use_cpu_devices
+from sgdjax.parallel._host import (
+    CpuArrangement,
+    applied_arrangement,
+    arrange_cpu,
+    choose_cpu_arrangement,
+    split_cpu,
+    use_cpu_devices,
+)
 from sgdjax.parallel._mesh import (
     DATA_AXIS,
     batch_sharding,
@@ -30,14 +37,18 @@ from sgdjax.parallel._mesh import (
 
 __all__ = [
     "DATA_AXIS",
+    "CpuArrangement",
     "ProcessMismatchError",
     "addressable_devices",
     "any_process",
+    "applied_arrangement",
+    "arrange_cpu",
     "barrier",
     "batch_sharding",
     "bytes_per_device",
     "check_divisible",
     "check_same_config",
+    "choose_cpu_arrangement",
     "check_shared_directory",
     "config_hash",
     "data_mesh",
@@ -50,6 +61,7 @@ __all__ = [
     "process_rows",
     "replicated",
     "shard_batch",
+    "split_cpu",
     "use_cpu_devices",
     "zero_sharding",
 ]

@@ -11,9 +11,13 @@ from typing import Any
 
 import jax
 
+from sgdjax.parallel import applied_arrangement
+
 
 def environment() -> dict[str, Any]:
-    """Hardware, package versions and the git commit, for the run's summary."""
+    """Hardware, package versions, the git commit and the CPU arrangement (the host
+    devices chosen by ``sgdjax.parallel.arrange_cpu``, ``None`` where it was not
+    called), for the run's summary."""
     versions = {}
     for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "sgdjax", "numpy"):
         try:
@@ -42,6 +46,7 @@ def environment() -> dict[str, Any]:
         "device_count": len(devices),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cpu_arrangement": applied_arrangement(),
         "commit": commit,
     }
 
