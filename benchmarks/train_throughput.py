@@ -1,8 +1,8 @@
 """Images per second of one training step: sgdjax vs plain flax + optax vs PyTorch.
 
     python benchmarks/train_throughput.py [--models convnet resnet9] [--batch-sizes 128 512]
-                                          [--steps 30] [--host-devices N] [--quick]
-                                          [--out FILE.json]
+                                          [--steps 30] [--host-devices N] [--shard-counts N ...]
+                                          [--contenders ...] [--quick] [--out FILE.json]
 
 All contenders train the same architecture (SGD, momentum 0.9, weight decay 5e-4,
 cross-entropy) on the same random uint8 images, in one run; steps are interleaved in
@@ -11,9 +11,15 @@ and the interquartile range over the timed steps, after warm-up (compile time ap
 "sgdjax 8 steps/call" runs ``make_multi_step(8, unroll=True)`` on the batch repeated
 8 times and reports the time per step.
 
-``--host-devices N`` splits the CPU into N JAX devices and adds "sgdjax sharded":
-the same step, jitted over a device mesh with the batch sharded (the same numbers
-as one device; XLA then runs the shards' programs side by side on the cores).
+"sgdjax default" is what ``experiments/cifar.py`` does with no device flags: the
+arrangement ``sgdjax.parallel.choose_cpu_arrangement`` picks for the batch (on a CPU,
+the batch sharded over that many host devices). "sgdjax" is the same step on one
+device; "sgdjax sharded" shards it over every device, "sgdjax sharded K"
+(``--shard-counts``) over K; "sgdjax XLA
+kernel grad" is "sgdjax" with XLA's own convolution gradient (``lax.conv_general_dilated``
+in place of the models' shifted-matmul kernel gradient). The CPU is split into
+``--host-devices`` devices, by default as many as the arrangement and the shard
+counts need (all numbers are those of one device on the whole batch).
 """
 
 from __future__ import annotations
@@ -31,27 +37,59 @@ from _common import environment, print_table, round_orders, summarize, write_jso
 # ---------------------------------------------------------------- JAX contenders
 
 
-def sgdjax_step(model_name: str, batch_size: int):
-    """sgdjax's training path: make_train_step with sgdjax.sgd (augmentation off)."""
+def sgdjax_step(model_name: str, batch_size: int, *, devices: int = 1, xla_conv: bool = False):
+    """sgdjax's training path (augmentation off): sgdjax.sgd, the step over ``devices``
+    devices (``"sharded"``; one device: ``"none"``); ``xla_conv``: XLA's own
+    convolution gradient in the models instead of the shifted-matmul kernel gradient."""
     import jax
     import jax.numpy as jnp
+    from jax import lax
 
     import sgdjax
     from sgdjax import training
+    from sgdjax.training import _models
 
     model = training.create_model(model_name)
     tx = sgdjax.sgd(0.05, momentum=0.9, weight_decay=5e-4)
     state = training.TrainState.create(
         model=model, tx=tx, rng=jax.random.key(0), sample_input=jnp.zeros((1, 32, 32, 3))
     )
-    step = training.make_train_step()
-    box = {"state": state}
+    mode = "sharded" if devices > 1 else "none"
+    parallel = training.make_parallel_train_step(mode, num_devices=devices)
+    box = {"state": parallel.place_state(state), "traced": False}
+    kept = _models.conv_general_dilated
 
     def run(batch):
-        box["state"], metrics = step(box["state"], batch)
+        if xla_conv and not box["traced"]:  # traced (compiled) at the first call
+            _models.conv_general_dilated = lax.conv_general_dilated
+        try:
+            box["state"], metrics = parallel.step(box["state"], parallel.place_batch(batch))
+        finally:
+            _models.conv_general_dilated = kept
+            box["traced"] = True
         jax.block_until_ready(metrics["loss"])
 
     return run
+
+
+def jax_devices() -> int:
+    import jax
+
+    return jax.device_count()
+
+
+def default_step(model_name: str, batch_size: int):
+    """experiments/cifar.py's arrangement with no device flags, for this batch."""
+    import os
+
+    import jax
+
+    from sgdjax.parallel import choose_cpu_arrangement
+
+    arrangement = choose_cpu_arrangement(
+        backend=jax.default_backend(), cores=os.cpu_count() or 1, batch_size=batch_size
+    )
+    return sgdjax_step(model_name, batch_size, devices=arrangement.host_devices)
 
 
 def sgdjax_multi_step(model_name: str, batch_size: int, *, steps: int = 8):
@@ -77,29 +115,6 @@ def sgdjax_multi_step(model_name: str, batch_size: int, *, steps: int = 8):
         box["state"], metrics = multi(box["state"], stacked)
         jax.block_until_ready(metrics["loss"])
         return steps
-
-    return run
-
-
-def sgdjax_sharded_step(model_name: str, batch_size: int):
-    """sgdjax's training path over every JAX device: batch sharded, state replicated."""
-    import jax
-    import jax.numpy as jnp
-
-    import sgdjax
-    from sgdjax import training
-
-    model = training.create_model(model_name)
-    tx = sgdjax.sgd(0.05, momentum=0.9, weight_decay=5e-4)
-    state = training.TrainState.create(
-        model=model, tx=tx, rng=jax.random.key(0), sample_input=jnp.zeros((1, 32, 32, 3))
-    )
-    parallel = training.make_parallel_train_step("sharded")
-    box = {"state": parallel.place_state(state)}
-
-    def run(batch):
-        box["state"], metrics = parallel.step(box["state"], parallel.place_batch(batch))
-        jax.block_until_ready(metrics["loss"])
 
     return run
 
@@ -249,9 +264,11 @@ def torch_step(model_name: str, batch_size: int, *, compiled: bool = False):
 
 
 CONTENDERS = {
+    "sgdjax default": default_step,
     "sgdjax": sgdjax_step,
+    "sgdjax XLA kernel grad": lambda model, batch: sgdjax_step(model, batch, xla_conv=True),
     "sgdjax 8 steps/call": sgdjax_multi_step,
-    "sgdjax sharded": sgdjax_sharded_step,
+    "sgdjax sharded": lambda model, batch: sgdjax_step(model, batch, devices=jax_devices()),
     "flax+optax": flax_optax_step,
     "torch eager": torch_step,
     "torch.compile": lambda model, batch: torch_step(model, batch, compiled=True),
@@ -269,25 +286,40 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
         "--host-devices", type=int,
-        help="split the CPU into N JAX devices (adds 'sgdjax sharded' to the contenders)",
+        help="split the CPU into N JAX devices (default: what the contenders need)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shard-counts", nargs="+", type=int, default=[],
+        help="add 'sgdjax sharded K' for each K: the step sharded over K host devices",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    import os
+
     import jax
 
-    from sgdjax.parallel import use_cpu_devices
+    from sgdjax.parallel import choose_cpu_arrangement, use_cpu_devices
 
-    if args.host_devices is not None:
-        try:
-            use_cpu_devices(args.host_devices)
-        except (ValueError, RuntimeError) as error:
-            parser.error(f"--host-devices: {error}")
-    if jax.device_count() == 1:
-        args.contenders = [c for c in args.contenders if c != "sgdjax sharded"]
     if args.quick:
         args.models, args.batch_sizes, args.steps, args.warmup = ["convnet"], [16], 2, 1
         args.contenders = [c for c in args.contenders if c != "torch.compile"]
+    if any(count <= 0 for count in args.shard_counts):
+        parser.error(f"--shard-counts must be positive, got {args.shard_counts}")
+    for count in args.shard_counts:
+        name = f"sgdjax sharded {count}"
+        CONTENDERS[name] = lambda model, batch, count=count: sgdjax_step(model, batch,
+                                                                         devices=count)  # fmt: skip
+        args.contenders.append(name)
+    needed = max([1, *args.shard_counts] + [
+        choose_cpu_arrangement(backend="cpu", cores=os.cpu_count() or 1,
+                               batch_size=batch).host_devices
+        for batch in args.batch_sizes
+    ])  # fmt: skip
+    try:
+        use_cpu_devices(args.host_devices or needed)
+    except (ValueError, RuntimeError) as error:
+        parser.error(f"--host-devices: {error}")
 
     import torch
 

@@ -2,14 +2,91 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from sgdjax.training._speednet import SpeedNet
+
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                 out_spec=(0, 3, 1, 2))  # fmt: skip
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, **kwargs):  # fmt: skip
+    """``lax.conv_general_dilated``, with the kernel gradient as shifted matmuls on CPU.
+
+    For a stride-1, undilated, ungrouped NHWC/HWIO convolution on the CPU backend the
+    forward pass and the input gradient are XLA's convolutions, and the kernel's
+    gradient is written as one matrix product per kernel offset ``(i, j)``:
+
+        dW[i, j] = sum_{n, h, w} x_pad[n, h + i, w + j, :]^T dy[n, h, w, :]
+
+    XLA's CPU backend runs the convolution it otherwise emits for ``dW`` (the batch
+    contracted as features, a window as large as the image) 3-4x slower than the
+    forward pass of the same size (docs/speed.md). The value is the same to float32
+    summation order. Every other case, and every other backend, is
+    ``lax.conv_general_dilated`` unchanged. Pass it as ``nn.Conv``'s
+    ``conv_general_dilated``.
+    """
+    simple = (
+        jax.default_backend() == "cpu"
+        and lhs.ndim == 4
+        and dimension_numbers == _NHWC
+        and tuple(window_strides) == (1, 1)
+        and tuple(lhs_dilation or (1, 1)) == (1, 1)
+        and tuple(rhs_dilation or (1, 1)) == (1, 1)
+        and feature_group_count == 1
+        and not kwargs
+    )
+    if not simple:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision, **kwargs,
+        )  # fmt: skip
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+    pads = tuple((int(low), int(high)) for low, high in padding)
+    return _conv_matmul_kernel_grad(lhs, rhs, pads, precision)
+
+
+def _conv_nhwc(x, kernel, pads, precision):
+    return lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=_NHWC,
+                                    precision=precision)  # fmt: skip
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_matmul_kernel_grad(x, kernel, pads, precision):
+    return _conv_nhwc(x, kernel, pads, precision)
+
+
+def _conv_forward(x, kernel, pads, precision):
+    return _conv_nhwc(x, kernel, pads, precision), (x, kernel)
+
+
+def _conv_backward(pads, precision, residuals, grad):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _conv_nhwc(x, kernel, pads, precision), x)
+    (grad_x,) = input_vjp(grad)
+    height, width = grad.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    rows = grad.reshape(-1, grad.shape[-1])
+    grad_kernel = jnp.stack([
+        jnp.dot(padded[:, i : i + height, j : j + width, :].reshape(-1, x.shape[-1]).T, rows,
+                precision=precision)
+        for i in range(kernel.shape[0]) for j in range(kernel.shape[1])
+    ]).reshape(kernel.shape)  # fmt: skip
+    return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+_conv_matmul_kernel_grad.defvjp(_conv_forward, _conv_backward)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -43,6 +120,7 @@ class _ConvBN(nn.Module):
             padding=1,
             use_bias=False,
             dtype=self.dtype,
+            conv_general_dilated=conv_general_dilated,
         )(x)
         if self.pool:
             x = max_pool_2x2(x)
@@ -82,7 +160,8 @@ class ConvNet(nn.Module):
     def __call__(self, x, *, train: bool):
         x = x.astype(self.dtype)
         for features in self.widths:
-            x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype)(x)
+            x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
+                        conv_general_dilated=conv_general_dilated)(x)  # fmt: skip
             x = _batch_norm(train, self.dtype, self.bn_axis_name)(x)
             x = max_pool_2x2(nn.relu(x))
         x = x.reshape(x.shape[0], -1)
