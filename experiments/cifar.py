@@ -180,10 +180,13 @@ def arrange_devices(config, dataset, args):
 
 
 def load_data(args, parser):
+    import jax
+
     from sgdjax import data
 
-    try:
-        return data.load_cifar10(args.data_dir, progress=not args.no_progress)
+    try:  # several processes: each reads only the rows it places
+        return data.load_cifar10(args.data_dir, progress=not args.no_progress,
+                                 lazy=jax.process_count() > 1)  # fmt: skip
     except data.DataError as error:
         parser.error(str(error))
 

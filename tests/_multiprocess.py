@@ -352,6 +352,91 @@ def _checks(out: str) -> None:
     (Path(out) / f"any-{index}.txt").write_text(str(flag))
 
 
+# ---------------------------------------------------------------- the engine, every mode
+
+ENGINE_MODES = ("pmap", "sharded", "shard_map", "zero")
+STOP_AT_CALL = 3  # process 1 alone gets SIGTERM during this program call of each run
+
+
+def engine_config(mode: str):
+    """The run every mode trains: 80 images, 2 epochs of 5 steps, diagnostics on."""
+    from sgdjax import training
+
+    return training.Config(
+        widths=(4, 8), epochs=2, batch_size=16, eval_batch_size=10, steps_per_call=1,
+        checkpoint_every_steps=2, crop_padding=2, tensorboard=False, diagnostics=True,
+        parallel=mode, num_devices=4,
+    )  # fmt: skip
+
+
+class RecordedImages:
+    """An image array that records which rows were read from it (and reads only those)."""
+
+    def __init__(self, images):
+        self.images, self.rows = images, []
+        self.shape, self.dtype, self.ndim = images.shape, images.dtype, images.ndim
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index):
+        import numpy as np
+
+        self.rows.extend(np.ravel(np.arange(len(self.images))[index]).tolist())
+        return self.images[index]
+
+
+def _engine_modes(out: str, data_dir: str, *modes: str) -> None:
+    """Each mode: SIGTERM to process 1 during call 3 (both stop and save), resumed on
+    the same engine to the end; saves the rows each process read and the errors.
+
+    ``parallel="none"`` is refused first: its one-line error is saved too.
+    """
+    import json
+    import os
+
+    import jax
+    import numpy as np
+
+    from sgdjax import data, training
+
+    index = jax.process_index()
+    try:
+        training.Engine(engine_config("none"), data.load_cifar10(data_dir, lazy=True))
+    except training.SetupError as error:
+        (Path(out) / f"none-{index}.txt").write_text(str(error))
+    for mode in modes or ENGINE_MODES:
+        loaded = data.load_cifar10(data_dir, lazy=True)
+        dataset = loaded._replace(train_images=RecordedImages(loaded.train_images),
+                                  test_images=RecordedImages(loaded.test_images))  # fmt: skip
+        engine = training.Engine(engine_config(mode), dataset, log=lambda line: None)
+        workdir = Path(out) / mode
+        calls = []
+        engine.prepare()
+        original = engine._train_programs[1]
+
+        def signalling(*args, original=original, calls=calls):
+            calls.append(1)
+            if len(calls) == STOP_AT_CALL and index == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(*args)
+
+        engine._train_programs[1] = signalling
+        try:
+            engine.run(0, workdir, progress=False)
+            stopped = None
+        except training.Preempted as error:
+            stopped = error.step
+        engine._train_programs[1] = original
+        engine.run(0, workdir, resume=True, progress=False)
+        np.savez(
+            workdir / f"read-{index}.npz",
+            train=np.asarray(dataset.train_images.rows, np.int64),
+            test=np.asarray(dataset.test_images.rows, np.int64),
+        )
+        (workdir / f"stopped-{index}.json").write_text(json.dumps(stopped))
+
+
 def _hang(out: str, process_id: int, fail: bool) -> None:
     """Writes its PID and waits forever; with ``fail``, process 0 exits with 3 at once."""
     (Path(out) / f"pid-{process_id}.txt").write_text(str(os.getpid()))
@@ -360,7 +445,7 @@ def _hang(out: str, process_id: int, fail: bool) -> None:
     time.sleep(3600)
 
 
-WORKERS = {"collectives": _collectives, "checks": _checks}
+WORKERS = {"collectives": _collectives, "checks": _checks, "engine": _engine_modes}
 
 
 def main(argv: list[str]) -> None:
@@ -371,7 +456,7 @@ def main(argv: list[str]) -> None:
     from sgdjax.parallel import initialize_distributed
 
     initialize_distributed()
-    WORKERS[name](out)
+    WORKERS[name](out, *argv[2:])
 
 
 if __name__ == "__main__":

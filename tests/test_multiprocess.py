@@ -67,6 +67,101 @@ def test_the_harness_kills_every_child_when_one_fails_or_time_runs_out(tmp_path,
             os.kill(pid, 0)
 
 
+# ---------------------------------------------------------------- the engine, every mode
+
+
+@pytest.fixture(scope="module")
+def engine_runs(image_folder, tmp_path_factory):
+    """One group of 2 processes x 2 devices trains every mode (see ``_engine_modes``)."""
+    out = tmp_path_factory.mktemp("engine")
+    run_processes(
+        worker_argv("engine", out, str(image_folder)), 2, log_dir=out / "logs", timeout=420
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(image_folder, tmp_path_factory):
+    """The same config in this process on 4 of its devices, never interrupted."""
+    from _multiprocess import engine_config
+
+    from sgdjax import data, training
+
+    workdir = tmp_path_factory.mktemp("one-process")
+    engine = training.Engine(engine_config("sharded"), data.load_cifar10(image_folder),
+                             log=lambda line: None)  # fmt: skip
+    engine.run(0, workdir, progress=False)
+    return engine, workdir
+
+
+def _final_checkpoint(workdir, like):
+    from sgdjax.training import Checkpointer
+
+    checkpoints = Checkpointer(workdir / "checkpoints")
+    try:
+        step = max(Checkpointer.saved_steps(workdir / "checkpoints"))
+        return step, checkpoints.restore_tree(step, like)[0]
+    finally:
+        checkpoints.close()
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded", "shard_map", "zero"])
+def test_two_processes_in_every_mode_stop_resume_and_end_as_one_process_with_four_devices(
+    engine_runs, one_process, mode
+):
+    """SIGTERM to process 1 alone stops both after call 3 (saved); resumed, the run ends
+    with the parameters, optimizer state, test metrics and diagnostics of 1 process x 4
+    devices; each process read from disk only the rows its two devices hold."""
+    from _multiprocess import STOP_AT_CALL
+
+    from sgdjax import training
+
+    engine, reference_dir = one_process
+    workdir = engine_runs / mode
+    assert [json.loads((workdir / f"stopped-{i}.json").read_text()) for i in (0, 1)] == [
+        STOP_AT_CALL
+    ] * 2
+    like = engine._initial_state(0)
+    (step, got), (reference_step, reference) = (
+        _final_checkpoint(workdir, like), _final_checkpoint(reference_dir, like)
+    )  # fmt: skip
+    assert step == reference_step == 10
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+                 got, reference)  # fmt: skip
+    rows, _ = training.read_jsonl(workdir / "metrics.jsonl")
+    expected, _ = training.read_jsonl(reference_dir / "metrics.jsonl")
+    assert [row["epoch"] for row in rows] == [1, 2]
+    for row, want in zip(rows, expected):
+        assert row["step"] == want["step"]
+        np.testing.assert_allclose(row["test_loss"], want["test_loss"], rtol=2e-5)
+        assert row["test_accuracy"] == want["test_accuracy"]
+        got, diagnostics = row["diagnostics"], want["diagnostics"]
+        assert sorted(got) == sorted(diagnostics)
+        for name, value in diagnostics.items():
+            layer = name.partition("/")[2]
+            # A conv bias in front of BatchNorm gets a gradient of float32 noise alone
+            # (the normalisation removes it): its update ratio is noise over noise.
+            if layer and diagnostics[f"grad_norm/{layer}"] < 1e-6 * diagnostics["grad_norm"]:
+                continue
+            np.testing.assert_allclose(got[name], value, rtol=2e-5, atol=1e-7, err_msg=name)
+    # 80 training images over 4 devices: rows 0-39 on process 0, 40-79 on process 1;
+    # 20 test images as 2 batches of 10, each batch's first 5 on process 0.
+    for process, train, test in ((0, range(40), [*range(5), *range(10, 15)]),
+                                 (1, range(40, 80), [*range(5, 10), *range(15, 20)])):  # fmt: skip
+        read = np.load(workdir / f"read-{process}.npz")
+        assert sorted(read["train"]) == list(train)
+        assert sorted(read["test"]) == test
+
+
+def test_parallel_none_with_two_processes_is_refused_with_one_line(engine_runs):
+    for process in (0, 1):
+        error = (engine_runs / f"none-{process}.txt").read_text()
+        assert error == (
+            "parallel 'none' trains on one device; with 2 processes choose pmap, sharded, "
+            "shard_map or zero"
+        )
+
+
 # ---------------------------------------------------------------- experiments/cifar.py
 
 

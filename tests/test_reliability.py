@@ -92,3 +92,33 @@ def test_run_stops_after_too_many_non_finite_steps(tmp_path):
         training.train_and_evaluate(
             _config(max_bad_steps=3, epochs=1), tmp_path, progress=False, dataset=poisoned
         )
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_before_placing_data_or_compiling(
+    tmp_path, monkeypatch, capsys
+):
+    """The lock is the first thing a run takes: a held one refuses the run at once."""
+    import time
+
+    from helpers import load_script, write_image_folder
+
+    write_image_folder(tmp_path / "data", train_per_class=2, test_per_class=1)
+    work = []
+    monkeypatch.setattr(training.Engine, "_place_data", lambda self: work.append("placed"))
+    monkeypatch.setattr(training.Engine, "_compile", lambda self: work.append("compiled"))
+    cli = load_script("cifar")
+    argv = ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--widths",
+            "4", "8", "--batch-size", "4", "--epochs", "1", "--no-progress"]  # fmt: skip
+    with training.RunLock(tmp_path / "run"):  # a live writer (this process) holds --out
+        start = time.monotonic()
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        elapsed = time.monotonic() - start
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "is in use by process" in error[0], error
+    assert work == [] and elapsed < 5.0, (work, elapsed)
+    engine = training.Engine(_config(epochs=1), _dataset())  # the library's way in
+    with training.RunLock(tmp_path / "run"), pytest.raises(training.RunDirectoryLocked):
+        engine.run(0, tmp_path / "run", progress=False)
+    assert work == []

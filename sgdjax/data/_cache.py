@@ -137,16 +137,21 @@ def cache_dir_for(path: Path, cache_dir: str | os.PathLike | None) -> Path:
     return default_data_dir()
 
 
-def read_cache(folder: Path) -> tuple[Dataset | None, str | None]:
+def read_cache(folder: Path, *, lazy: bool = False) -> tuple[Dataset | None, str | None]:
     """``(data, None)``; ``(None, None)`` when absent; ``(None, why)`` when unusable.
 
     The arrays are checked as a loader's are (shapes, dtypes, equal lengths, labels
-    below the class count), so a damaged or foreign cache is never trusted.
+    below the class count), so a damaged or foreign cache is never trusted. With
+    ``lazy`` the images are memory-mapped: only the rows indexed are read from disk.
     """
     if not folder.is_dir():
         return None, None
     try:
-        arrays = [np.load(folder / f"{name}.npy", allow_pickle=False) for name in _ARRAYS]
+        arrays = [
+            np.load(folder / f"{name}.npy", allow_pickle=False,
+                    mmap_mode="r" if lazy and name.endswith("images") else None)
+            for name in _ARRAYS
+        ]  # fmt: skip
         names = tuple((folder / "class_names.txt").read_text(encoding="utf-8").split("\n"))
     except (OSError, ValueError, EOFError, UnicodeDecodeError) as error:
         return None, f"unreadable ({type(error).__name__}: {error})".splitlines()[0]

@@ -134,23 +134,64 @@ def _folder_files(root: Path) -> dict[str, list[tuple[Path, int]]]:
     return files
 
 
-def _load_folder(root: Path) -> Dataset:
-    files = _folder_files(root)
-    arrays = {}
+class FolderImages:
+    """The images of an image folder as a uint8 ``(N, 32, 32, 3)`` array read on demand.
+
+    Indexing with an integer array (or a slice) decodes only those files, so a
+    process of a multi-process run reads from disk only the examples it places.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, files: Sequence[Path]):
+        self.files = list(files)
+        self.shape = (len(self.files), *IMAGE_SHAPE)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index) -> np.ndarray:
+        chosen = np.arange(len(self.files))[index]
+        if np.ndim(chosen) == 0:
+            return _decode(self.files[int(chosen)])
+        return _decode_all([self.files[i] for i in np.ravel(chosen)]).reshape(
+            *np.shape(chosen), *IMAGE_SHAPE
+        )
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        images = self[:]
+        return images if dtype is None else images.astype(dtype)
+
+
+def _decode_all(files: Sequence[Path]) -> np.ndarray:
+    """The decoded images of ``files``, stacked (several threads)."""
     from PIL import Image
 
+    if not files:
+        return np.zeros((0, *IMAGE_SHAPE), np.uint8)
     with (
         warnings.catch_warnings(),  # sizes are checked before decoding: no bomb to warn of
         ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool,
     ):
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        for split, entries in files.items():
-            images = list(pool.map(_decode, [file for file, _ in entries], chunksize=256))
-            arrays[split] = (
-                np.stack(images),
-                np.asarray([label for _, label in entries], np.int32),
-            )
-    return Dataset(*arrays["train"], *arrays["test"], tuple(_class_folders(root / "train")))
+        return np.stack(list(pool.map(_decode, files, chunksize=256)))
+
+
+def _lazy_folder(root: Path) -> Dataset:
+    """An image folder's labels, with :class:`FolderImages` that decode on demand."""
+    files = _folder_files(root)
+    arrays = []
+    for split in ("train", "test"):
+        entries = files[split]
+        labels = np.asarray([label for _, label in entries], np.int32)
+        arrays += [FolderImages([file for file, _ in entries]), labels]
+    return Dataset(*arrays, tuple(_class_folders(root / "train")))
+
+
+def _load_folder(root: Path) -> Dataset:
+    lazy = _lazy_folder(root)
+    return lazy._replace(train_images=lazy.train_images[:], test_images=lazy.test_images[:])
 
 
 # ---------------------------------------------------------------- pickles
@@ -380,6 +421,7 @@ def load_cifar10(
     download: bool | None = None,
     urls: str | Sequence[str] | None = None,
     progress: bool = True,
+    lazy: bool = False,
 ) -> Dataset:
     """Loads CIFAR-10 as uint8 NHWC images and int32 labels for train and test.
 
@@ -416,6 +458,10 @@ def load_cifar10(
       urls: mirrors of ``cifar-10-python.tar.gz`` tried in order, replacing
         ``$SGDJAX_CIFAR10_URL`` (whitespace- or comma-separated) and the home page.
       progress: show a progress bar while downloading.
+      lazy: read images only when indexed (each process of a multi-process run reads
+        only the rows it places): the cache's images memory-mapped, else an image
+        folder's files decoded on demand (:class:`FolderImages`; no cache is
+        written). Pickles and tensorflow-datasets are read whole.
 
     Returns:
       A :class:`Dataset`.
@@ -460,9 +506,11 @@ def load_cifar10(
     cache_parent = _cache.cache_dir_for(path, cache_dir)
     _cache.remove_stale_temporaries(cache_parent)
     cache_file = cache_parent / f"cifar10-{layout}-{_cache.fingerprint(root)}"
-    cached, problem = _cache.read_cache(cache_file)
+    cached, problem = _cache.read_cache(cache_file, lazy=lazy)
     if cached is not None:
         return cached
+    if lazy and layout == "folder":
+        return _checked(_lazy_folder(root), str(root))
     if problem is not None:
         warnings.warn(f"{cache_file}: cache {problem}; rebuilding it", stacklevel=2)
     data = _checked(_load_folder(root) if layout == "folder" else _load_pickles(root), str(root))

@@ -146,14 +146,14 @@ def subset_rows(total: int, count: int | None) -> np.ndarray:
 
 
 def read_rows(images: Any, labels: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``images[rows], labels[rows]`` as uint8 and int32; a row ``-1`` is padding (zeros).
+    """``images[rows], labels[rows]`` (labels as int32); a row ``-1`` is padding (zeros).
 
     ``images`` may be any array that reads only the rows it is indexed with (a
     memory-mapped cache, :func:`sgdjax.data.load_cifar10`'s lazy image folders).
     """
     rows = np.asarray(rows, np.int64)
     real = rows >= 0
-    out_images = np.zeros((len(rows), *images.shape[1:]), np.uint8)
+    out_images = np.zeros((len(rows), *images.shape[1:]), images.dtype)
     out_labels = np.zeros(len(rows), np.int32)
     if real.any():
         out_images[real] = images[rows[real]]

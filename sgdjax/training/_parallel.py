@@ -113,14 +113,21 @@ class Placement:
 
     def gather_state(self, placed: Any) -> TrainState:
         """A placed state as one ordinary :class:`TrainState`."""
-        if self.mode == "pmap":  # device 0's copy (x[0] alone would span the devices)
-            first_device = addressable_devices(self.mesh)[0]
-            return jax.tree.map(lambda x: jax.device_put(x[0], first_device), placed)
-        return placed
+        return self.first(placed)
 
     def first(self, outputs: Any) -> Any:
-        """A program's (device-averaged) outputs, without pmap's device axis."""
-        return jax.tree.map(lambda x: x[0], outputs) if self.mode == "pmap" else outputs
+        """A program's (device-averaged) outputs, without pmap's device axis: pmap's
+        copy on this process's first device, read from that device alone (``x[0]``
+        would be a program over every process's devices)."""
+        if self.mode != "pmap":
+            return outputs
+        first_device = addressable_devices(self.mesh)[0]
+
+        def local_copy(x):
+            shard = next(s for s in x.addressable_shards if s.device == first_device)
+            return shard.data.reshape(x.shape[1:])
+
+        return jax.tree.map(local_copy, outputs)
 
     # ------------------------------------------------------------ data
     def check(self, array: Any, kind: str) -> None:
