@@ -16,6 +16,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_CLASSES = tuple(f"class{i}" for i in range(10))
+# Three classes (sorted: airplane=0, cat=1, dog=2), 4 training and 2 test images each.
+SMALL_FOLDER = dict(classes=("cat", "airplane", "dog"), train_per_class=4, test_per_class=2)
 
 
 # ---------------------------------------------------------------- scripts and data

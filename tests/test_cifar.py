@@ -1,27 +1,17 @@
-"""The data layer: loaders on generated folders and pickles, tfds (mocked), cache, augmentation."""
+"""sgdjax/data/_cifar.py: the loaders on generated folders, pickles (Python 2's too) and
+tfds (mocked), and each kind of bad input named in one line."""
 
 import io
 import os
 import pickle
 import struct
-import subprocess
-import sys
-import time
 
-import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import write_image_folder
+from helpers import SMALL_FOLDER, write_image_folder
 from PIL import Image
 
 from sgdjax import data
-from sgdjax.data import _cache
-
-CLASSES = ("cat", "airplane", "dog")  # sorted: airplane=0, cat=1, dog=2
-# Three classes, 4 training and 2 test images each.
-SMALL_FOLDER = dict(classes=CLASSES, train_per_class=4, test_per_class=2)
 
 
 class Python2Pickler(pickle._Pickler):
@@ -162,94 +152,6 @@ def test_tfds_path_with_mock_data(tmp_path, monkeypatch):
     assert loaded.class_names == data.CIFAR10_CLASSES
 
 
-# ---------------------------------------------------------------- cache
-
-
-def test_cache_is_fast_equal_and_atomic(tmp_path):
-    write_image_folder(tmp_path / "d", **dict(SMALL_FOLDER, train_per_class=30))
-    first = data.load_cifar10(tmp_path / "d")
-    cache_root = tmp_path / "d" / ".sgdjax_cache"
-    entries = list(cache_root.iterdir())
-    assert len(entries) == 1 and not any(".tmp" in e.name for e in entries)
-    start = time.perf_counter()
-    second = data.load_cifar10(tmp_path / "d")
-    assert time.perf_counter() - start < 1.0
-    chex.assert_trees_all_equal(tuple(first), tuple(second))
-
-
-def test_corrupt_cache_is_rebuilt(tmp_path):
-    write_image_folder(tmp_path / "d", **SMALL_FOLDER)
-    first = data.load_cifar10(tmp_path / "d")
-    (cache,) = list((tmp_path / "d" / ".sgdjax_cache").iterdir())
-    (cache / "train_images.npy").write_bytes(b"\x93NUMPY garbage")
-    with pytest.warns(UserWarning, match="cache unreadable .*; rebuilding it"):
-        again = data.load_cifar10(tmp_path / "d")
-    chex.assert_trees_all_equal(tuple(first), tuple(again))
-    assert np.load(cache / "train_images.npy").shape == first.train_images.shape
-
-
-def test_adding_an_image_invalidates_the_cache(tmp_path):
-    write_image_folder(tmp_path / "d", **SMALL_FOLDER)
-    assert len(data.load_cifar10(tmp_path / "d").train_images) == 12
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "d/train/cat/new.png")
-    assert len(data.load_cifar10(tmp_path / "d").train_images) == 13
-
-
-@pytest.mark.parametrize(
-    "damage, problem",
-    [
-        (lambda c: np.save(c / "train_labels.npy", np.zeros(5, np.int32)), "labels of shape"),
-        (lambda c: np.save(c / "test_images.npy", np.zeros((6, 32, 32, 1), np.uint8)), "images of"),
-        (lambda c: np.save(c / "train_images.npy", np.zeros((12, 32, 32, 3), np.int64)), "dtype"),
-        (lambda c: np.save(c / "test_labels.npy", np.full(6, 3, np.int32)), "label 3 outside"),
-        (lambda c: (c / "class_names.txt").write_text(""), "class names"),
-    ],
-    ids=["lengths", "shape", "dtype", "labels", "names"],
-)
-def test_inconsistent_cache_is_rebuilt_and_said(tmp_path, damage, problem):
-    write_image_folder(tmp_path / "d", **SMALL_FOLDER)
-    first = data.load_cifar10(tmp_path / "d")
-    (cache,) = list((tmp_path / "d" / ".sgdjax_cache").iterdir())
-    damage(cache)
-    with pytest.warns(UserWarning, match=f"{cache.name}: cache .*{problem}.*; rebuilding it"):
-        again = data.load_cifar10(tmp_path / "d")
-    chex.assert_trees_all_equal(tuple(first), tuple(again))
-    chex.assert_trees_all_equal(tuple(first), tuple(data.load_cifar10(tmp_path / "d")))
-
-
-def test_temporaries_of_killed_writers_are_removed(tmp_path):
-    write_image_folder(tmp_path / "d", **SMALL_FOLDER)
-    cache_parent = tmp_path / "d" / ".sgdjax_cache"
-    cache_parent.mkdir()
-    # A writer killed while it wrote the cache (SIGKILL: no cleanup runs).
-    writer = (
-        "import os, sys, pathlib\n"
-        "from sgdjax.data import _cache\n"
-        "folder = _cache.make_temporary(pathlib.Path(sys.argv[1]), 'cifar10-folder-' + '0' * 16)\n"
-        "(folder / 'train_images.npy').write_bytes(bytes(10000))\n"
-        "os.kill(os.getpid(), 9)\n"
-    )
-    killed = subprocess.run([sys.executable, "-c", writer, str(cache_parent)], check=False)
-    assert killed.returncode == -9
-    (dead,) = list(cache_parent.iterdir())
-    # One from before names carried their writer, idle for two hours.
-    ownerless = cache_parent / ("cifar10-pickle-" + "1" * 16 + ".tmpab_c9")
-    ownerless.mkdir()
-    os.utime(ownerless, (time.time() - 7200, time.time() - 7200))
-    # One of a writer still running (the test's parent process), and unrelated folders.
-    running = _cache.make_temporary(cache_parent, "cifar10-folder-" + "2" * 16)
-    running = running.rename(
-        running.with_name(running.name.replace(f"-{os.getpid()}-", f"-{os.getppid()}-"))
-    )
-    unrelated = [cache_parent / "notes.tmp-0", cache_parent / ("cifar10-folder-" + "3" * 16)]
-    for folder in unrelated:
-        folder.mkdir()
-        os.utime(folder, (time.time() - 7200, time.time() - 7200))
-    data.load_cifar10(tmp_path / "d")
-    assert not dead.exists() and not ownerless.exists()
-    assert running.is_dir() and all(folder.is_dir() for folder in unrelated)
-
-
 # ---------------------------------------------------------------- bad input
 
 
@@ -388,63 +290,3 @@ def test_tfds_labels_are_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(tfds, "data_source", lambda *args, **kwargs: examples)
     with pytest.raises(data.DataError, match=r"label 12 outside 0..9"):
         data.load_cifar10(tmp_path)
-
-
-# ---------------------------------------------------------------- augmentation
-
-
-def _batch(n=16, seed=0):
-    rng = np.random.default_rng(seed)
-    return jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
-
-
-def test_random_crop_is_a_window_of_the_padded_image():
-    images = _batch()
-    key = jax.random.key(3)
-    out = jax.jit(lambda k, x: data.random_crop(k, x, padding=4))(key, images)
-    chex.assert_shape(out, images.shape)
-    chex.assert_type(out, jnp.uint8)
-    offsets = np.asarray(jax.random.randint(key, (16, 2), 0, 9))
-    padded = np.pad(np.asarray(images), ((0, 0), (4, 4), (4, 4), (0, 0)))
-    for i, (dy, dx) in enumerate(offsets):
-        np.testing.assert_array_equal(out[i], padded[i, dy : dy + 32, dx : dx + 32])
-    assert len({tuple(o) for o in offsets}) > 1
-
-
-def test_random_flip_mirrors_some_images():
-    images = _batch(64)
-    out = np.asarray(data.random_flip(jax.random.key(0), images))
-    flipped = [np.array_equal(o, np.asarray(x)[:, ::-1]) for o, x in zip(out, images)]
-    kept = [np.array_equal(o, np.asarray(x)) for o, x in zip(out, images)]
-    assert all(f or k for f, k in zip(flipped, kept))
-    assert 10 < sum(flipped) < 54
-
-
-def test_augment_is_deterministic_per_key_and_jit_invariant():
-    images = _batch()
-    a = data.augment(jax.random.key(1), images)
-    b = jax.jit(data.augment)(jax.random.key(1), images)
-    c = data.augment(jax.random.key(2), images)
-    chex.assert_trees_all_equal(a, b)
-    assert not np.array_equal(a, c)
-
-
-def test_normalize_matches_numpy():
-    images = _batch(4)
-    out = jax.jit(data.normalize)(images)
-    expected = (np.asarray(images) / 255.0 - np.asarray(data.CIFAR10_MEAN)) / np.asarray(
-        data.CIFAR10_STD
-    )
-    chex.assert_type(out, jnp.float32)
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-    chex.assert_type(data.normalize(images, dtype=jnp.bfloat16), jnp.bfloat16)
-
-
-def test_batches_order_depends_on_seed_and_epoch_only():
-    images, labels = np.arange(10)[:, None], np.arange(10)
-    first = [b["label"].tolist() for b in data.batches(images, labels, 3, seed=1, epoch=2)]
-    again = [b["label"].tolist() for b in data.batches(images, labels, 3, seed=1, epoch=2)]
-    other = [b["label"].tolist() for b in data.batches(images, labels, 3, seed=1, epoch=3)]
-    assert first == again and first != other and len(first) == 3
-    tail = list(data.batches(images, labels, 3, drop_remainder=False))
-    assert [len(b["label"]) for b in tail] == [3, 3, 3, 1]
