@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import write_image_folder
 
 import sgdjax
 from sgdjax import data, parallel, training
@@ -262,17 +263,9 @@ def test_the_data_is_split_exactly_when_the_data_axis_has_several_devices():
 def test_a_lazy_load_reads_only_the_rows_indexed(tmp_path, monkeypatch):
     """What each process of a multi-process run reads: the image folder's files it
     indexes (decoded on demand), or the cache's rows (memory-mapped)."""
-    from PIL import Image
-
     from sgdjax.data import _cifar
 
-    generator = np.random.default_rng(1)
-    for split, count in (("train", 3), ("test", 1)):
-        for name in ("a", "b"):
-            (tmp_path / "data" / split / name).mkdir(parents=True)
-            for index in range(count):
-                pixels = generator.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / "data" / split / name / f"{index}.png")
+    write_image_folder(tmp_path / "data", ("a", "b"), train_per_class=3, test_per_class=1, seed=1)
     cache = tmp_path / "cache"
     decoded = []
     original = _cifar._decode
@@ -282,7 +275,7 @@ def test_a_lazy_load_reads_only_the_rows_indexed(tmp_path, monkeypatch):
     rows = np.asarray([1, 4])
     np.testing.assert_array_equal(lazy.train_labels, [0, 0, 0, 1, 1, 1])
     picked = lazy.train_images[rows]
-    assert decoded == ["1.png", "1.png"]  # a/1.png and b/1.png only
+    assert decoded == ["0001.png", "0001.png"]  # a/0001.png and b/0001.png only
     eager = data.load_cifar10(tmp_path / "data", cache_dir=cache)  # decodes all, writes the cache
     np.testing.assert_array_equal(picked, eager.train_images[rows])
     np.testing.assert_array_equal(np.asarray(lazy.test_images), eager.test_images)
