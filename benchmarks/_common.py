@@ -56,6 +56,25 @@ def summarize(seconds: list[float]) -> dict[str, float]:
     }
 
 
+def ratio_summary(seconds: list[float], base: list[float]) -> dict[str, float]:
+    """Quartiles of the per-round ratios ``seconds[i] / base[i]`` of two interleaved lists.
+
+    Both contenders ran in the same round, so the load of that moment divides out of
+    each ratio: its spread says more than the two IQRs side by side.
+    """
+    ratios = np.asarray(seconds) / np.asarray(base)
+    q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+    return {"median": float(median), "q1": float(q1), "q3": float(q3)}
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (the machine is shared)."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
 def round_orders(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
     """A shuffled order of ``names`` for each round.
 

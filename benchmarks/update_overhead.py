@@ -3,8 +3,11 @@
     python benchmarks/update_overhead.py [--quick] [--out results/update_overhead.json]
 
 The chain in every library: clip by global norm (1.0), coupled weight decay (5e-4),
-Nesterov momentum (0.9), learning rate (0.1). Trees: (a) ResNet-18 (CIFAR variant,
-about 11.2M parameters in 62 leaves), (b) 500 small leaves. JAX updates are jitted
+Nesterov momentum (0.9), learning rate (0.1); the ``*-skip`` rows wrap it in the
+library's skip-non-finite-steps wrapper (``sgdjax.skip_non_finite``,
+``optax.apply_if_finite``), the ``*-flat`` and ``sgdjax-leaf`` rows force the layout.
+Trees: (a) ResNet-18 (CIFAR variant, about 11.2M parameters in 62 leaves), (b) 500
+small leaves. JAX updates are jitted
 with params and optimizer state donated; timings are interleaved in rounds of
 shuffled order and reported as median and interquartile range. Peak memory: each
 configuration also runs in its own subprocess and reports the peak resident memory
@@ -21,7 +24,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, interleaved_timings, print_table, summarize, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    environment,
+    interleaved_timings,
+    load_average,
+    print_table,
+    ratio_summary,
+    summarize,
+    write_json,
+)
 
 # ---------------------------------------------------------------- parameter trees
 
@@ -62,29 +73,58 @@ TREES = {"resnet18": resnet18_shapes, "small500": small_shapes}
 # ---------------------------------------------------------------- the updates
 
 
+def make_transform(library: str):
+    """The benchmark's chain in ``library``'s form.
+
+    ``sgdjax``: ``sgdjax.chain`` as a user writes it (the layout chosen at init);
+    ``sgdjax-flat`` and ``sgdjax-leaf``: that chain with its layout forced to flat
+    buffers (``sgdjax.flatten``) or to one buffer per leaf (the same pieces under
+    the per-leaf branch of the automatic layout); ``*-skip``: wrapped in
+    ``sgdjax.skip_non_finite`` / ``optax.apply_if_finite``.
+    """
+    import optax
+
+    import sgdjax
+    from sgdjax import _flatten
+
+    if library in ("sgdjax", "sgdjax-flat", "sgdjax-skip"):
+        tx = sgdjax.chain(
+            sgdjax.clip_by_global_norm(1.0),
+            sgdjax.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        )
+        if library == "sgdjax-flat":
+            return sgdjax.flatten(tx)
+        if library == "sgdjax-skip":
+            return sgdjax.skip_non_finite(tx)
+        return tx
+    if library == "sgdjax-leaf":
+        return _flatten.recompute_temporaries(
+            optax.chain(
+                sgdjax.clip_by_global_norm(1.0),
+                sgdjax.add_decayed_weights(5e-4),
+                sgdjax.momentum(0.9, nesterov=True),
+                sgdjax.scale_by_learning_rate(0.1),
+            )
+        )
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.add_decayed_weights(5e-4),
+        optax.sgd(0.1, momentum=0.9, nesterov=True),
+    )
+    if library == "optax-flat":
+        return optax.flatten(tx)
+    if library == "optax-skip":
+        return optax.apply_if_finite(tx, max_consecutive_errors=2**30)
+    return tx
+
+
 def jax_runner(library: str, shapes, seed: int = 0):
     """A callable running one donated, jitted update of ``library``'s chain."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    import sgdjax
-
-    if library.startswith("sgdjax"):
-        tx = sgdjax.chain(
-            sgdjax.clip_by_global_norm(1.0),
-            sgdjax.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
-        )
-        if library == "sgdjax-flat":
-            tx = sgdjax.flatten(tx)
-    else:
-        tx = optax.chain(
-            optax.clip_by_global_norm(1.0),
-            optax.add_decayed_weights(5e-4),
-            optax.sgd(0.1, momentum=0.9, nesterov=True),
-        )
-        if library == "optax-flat":
-            tx = optax.flatten(tx)
+    tx = make_transform(library)
 
     rng = np.random.default_rng(seed)
     params = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
@@ -104,13 +144,13 @@ def jax_runner(library: str, shapes, seed: int = 0):
         box["params"], box["state"] = step(box["params"], box["state"], grads)
         jax.block_until_ready(box["params"])
 
-    info = {}
+    info = {"state_leaves": len(jax.tree.leaves(state))}
     if memory is not None:
-        info = {
-            "argument_bytes": int(memory.argument_size_in_bytes),
-            "output_bytes": int(memory.output_size_in_bytes),
-            "temp_bytes": int(memory.temp_size_in_bytes),
-        }
+        info.update(
+            argument_bytes=int(memory.argument_size_in_bytes),
+            output_bytes=int(memory.output_size_in_bytes),
+            temp_bytes=int(memory.temp_size_in_bytes),
+        )
     return run, info
 
 
@@ -137,8 +177,8 @@ def torch_runner(variant: str, shapes, seed: int = 0):
     return run, {}
 
 
-LIBRARIES = ("sgdjax", "sgdjax-flat", "optax", "optax-flat",
-             "torch-loop", "torch-foreach", "torch-fused")  # fmt: skip
+LIBRARIES = ("sgdjax", "sgdjax-flat", "sgdjax-leaf", "sgdjax-skip", "optax", "optax-flat",
+             "optax-skip", "torch-loop", "torch-foreach", "torch-fused")  # fmt: skip
 
 
 def make_runner(library: str, shapes):
@@ -199,6 +239,7 @@ def main(argv=None):
                 runners[library], infos[library] = make_runner(library, shapes)
             except (RuntimeError, TypeError, ValueError) as error:
                 print(f"{library}: not available ({error})")
+        load_before = load_average()
         timings = interleaved_timings(runners, repeats=repeats)
         rows, entry = [], {}
         for library, seconds in timings.items():
@@ -208,25 +249,31 @@ def main(argv=None):
                 memory = peak_memory(library, tree, repeats=5)
             entry[library] = {"seconds": stats, "compiled_memory": infos[library],
                               "peak_rss_growth_mib": memory}  # fmt: skip
-        base = {name: entry[name]["seconds"]["median"] for name in entry}
+            if "optax" in timings:
+                entry[library]["x_optax"] = ratio_summary(seconds, timings["optax"])
         for library, item in entry.items():
             stats = item["seconds"]
+            ratio = item.get("x_optax")
             rows.append([
                 library,
                 f"{stats['median'] * 1e3:.3f}",
                 f"{stats['q1'] * 1e3:.3f}-{stats['q3'] * 1e3:.3f}",
-                f"{base[library] / base['optax']:.2f}" if "optax" in base else "-",
-                f"{base[library] / base['torch-foreach']:.2f}" if "torch-foreach" in base else "-",
+                "-" if ratio is None
+                else f"{ratio['median']:.2f} ({ratio['q1']:.2f}-{ratio['q3']:.2f})",
+                item["compiled_memory"].get("state_leaves", "-"),
                 "-" if item["peak_rss_growth_mib"] is None
                 else f"{item['peak_rss_growth_mib']:.0f}",
             ])  # fmt: skip
         leaves = len(shapes)
         size = sum(int(np.prod(s)) for s in shapes)
-        print(f"\n{tree}: {leaves} leaves, {size:,} parameters, {repeats} interleaved repeats")
+        print(f"\n{tree}: {leaves} leaves, {size:,} parameters, {repeats} interleaved repeats, "
+              f"load average {load_before} -> {load_average()}")  # fmt: skip
         print_table(
-            ["library", "median ms", "IQR ms", "x optax", "x torch-foreach", "peak MiB"], rows
-        )
-        results["trees"][tree] = {"leaves": leaves, "parameters": size, "results": entry}
+            ["library", "median ms", "IQR ms", "x optax per round (IQR)", "state leaves",
+             "peak MiB"], rows,
+        )  # fmt: skip
+        results["trees"][tree] = {"leaves": leaves, "parameters": size, "results": entry,
+                                  "load_average": [load_before, load_average()]}  # fmt: skip
     write_json(args.out, results)
     return results
 

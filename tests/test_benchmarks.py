@@ -17,11 +17,20 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("train_throughput.py", ["--contenders", "sgdjax", "flax+optax", "torch eager"]),
         (
             "train_throughput.py",
-            ["--host-devices", "2", "--contenders", "sgdjax", "sgdjax sharded",
-             "sgdjax 8 steps/call"],  # fmt: skip
+            [
+                "--host-devices",
+                "2",
+                "--contenders",
+                "sgdjax",
+                "sgdjax sharded",
+                "sgdjax 8 steps/call",
+            ],  # fmt: skip
         ),
         ("scaling.py", []),
         ("nesterov_temporary.py", []),
+        ("layout_crossover.py", []),
+        ("bandwidth.py", []),
+        ("engine_overhead.py", []),
     ],
 )
 def test_benchmark_quick_run(tmp_path, script, extra):
@@ -33,7 +42,15 @@ def test_benchmark_quick_run(tmp_path, script, extra):
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(out.read_text())
     assert payload["environment"]["versions"]["jax"]
-    assert "median" in result.stdout or "images/s" in result.stdout
+    assert any(word in result.stdout for word in ("median", "images/s", "img/s"))
+    if script == "nesterov_temporary.py":  # the same-rounding forms are bitwise the chain's
+        differences = payload["max_abs_difference"]
+        assert differences["chain"] == differences["chunked loop"] == 0.0
+    if script == "layout_crossover.py":
+        assert {tree["rule_picks_flat"] for tree in payload["trees"]} == {False, True}
+    if script == "engine_overhead.py":
+        rates = [r["images_per_second"] for r in payload["results"].values()]
+        assert all(rate[name] > 0 for rate in rates for name in ("host loop", "engine"))
     if "--host-devices" in extra:
         assert payload["jax_devices"] == 2
         ran = {run["contender"] for run in payload["runs"] if "failed" not in run}
