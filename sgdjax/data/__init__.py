@@ -10,7 +10,7 @@ from sgdjax.data._augment import (
 )
 from sgdjax.data._batches import batches, epoch_order, num_batches
 from sgdjax.data._cache import default_data_dir
-from sgdjax.data._cifar import CIFAR10_CLASSES, detect_layout, load_cifar10
+from sgdjax.data._cifar import CIFAR10_CLASSES, FolderImages, detect_layout, load_cifar10
 from sgdjax.data._dataset import Dataset
 from sgdjax.data._download import fetch_file
 from sgdjax.data._errors import DataError
@@ -21,6 +21,7 @@ __all__ = [
     "CIFAR10_STD",
     "DataError",
     "Dataset",
+    "FolderImages",
     "augment",
     "batches",
     "default_data_dir",
