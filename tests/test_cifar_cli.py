@@ -1,7 +1,6 @@
 """experiments/cifar.py end to end on a tiny generated image folder."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import signal
@@ -13,34 +12,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = [f"class{i}" for i in range(10)]
 
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("cifar_cli", ROOT / "experiments" / "cifar.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cifar = _load_cli()
+cifar = load_script("cifar")
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("test", 4)):
-        for name in CLASSES:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for index in range(count):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index}.png")
-    return root
+def tiny_data(image_folder):
+    return image_folder
 
 
 def _args(data_dir, out, *extra):
@@ -221,9 +202,7 @@ def test_entry_point_runs_as_a_script(tiny_data, tmp_path):
 
 
 def test_compare_runs_several_optimizers_and_seeds_and_tabulates(tiny_data, tmp_path):
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments" / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = load_script("compare")
     argv = [
         "--data-dir", str(tiny_data), "--out", str(tmp_path), "--epochs", "1",
         "--batch-size", "16", "--max-steps", "2", "--optimizers", "nesterov", "adam", "sam",
@@ -437,9 +416,7 @@ def test_fractional_epochs_end_with_a_partial_epoch(tiny_data, tmp_path):
 
 
 def test_lr_find_suggests_a_rate_and_plots(tiny_data, tmp_path):
-    spec = importlib.util.spec_from_file_location("lr_find", ROOT / "experiments" / "lr_find.py")
-    lr_find = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lr_find)
+    lr_find = load_script("lr_find")
     result = lr_find.main(["--data-dir", str(tiny_data), "--out", str(tmp_path), "--steps", "12",
                            "--batch-size", "16", "--start", "1e-4", "--end", "1.0"])  # fmt: skip
     rates = result["learning_rates"]
@@ -451,9 +428,7 @@ def test_lr_find_suggests_a_rate_and_plots(tiny_data, tmp_path):
 
 
 def test_lr_find_suggestion_is_the_steepest_descent():
-    spec = importlib.util.spec_from_file_location("lr_find", ROOT / "experiments" / "lr_find.py")
-    lr_find = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lr_find)
+    lr_find = load_script("lr_find")
     rates = np.logspace(-4, 0, 9)
     losses = np.asarray([2.3, 2.3, 2.2, 1.6, 1.0, 0.9, 0.95, 2.0, 5.0])  # steepest at 1e-2.5
     assert lr_find.suggest(rates, losses) == pytest.approx(rates[3])
