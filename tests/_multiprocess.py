@@ -363,7 +363,7 @@ def engine_config(mode: str):
     from sgdjax import training
 
     return training.Config(
-        widths=(4, 8), epochs=2, batch_size=16, eval_batch_size=10, steps_per_call=1,
+        widths=(4, 8), epochs=2, batch_size=16, eval_batch_size=8, steps_per_call=1,
         checkpoint_every_steps=2, crop_padding=2, tensorboard=False, diagnostics=True,
         parallel=mode, num_devices=4,
     )  # fmt: skip
