@@ -3,12 +3,12 @@
 import json
 import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from _multiprocess import ProcessesFailed, run_processes, tiny_training, worker_argv
+from helpers import load_script, write_image_folder
 
 MODES = ("sharded", "zero", "shard_map", "pmap")
 
@@ -166,22 +166,10 @@ def test_parallel_none_with_two_processes_is_refused_with_one_line(engine_runs):
 # ---------------------------------------------------------------- experiments/cifar.py
 
 
-CLASSES = [f"class{i}" for i in range(10)]
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("cifar")
-    generator = np.random.default_rng(0)
-    for split, count in (("train", 8), ("test", 2)):
-        for name in CLASSES:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for index in range(count):
-                pixels = generator.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index}.png")
+    write_image_folder(root, test_per_class=2)
     return root
 
 
@@ -191,16 +179,6 @@ def _cifar_args(data_dir, out, *extra):
         "8", "--epochs", "2", "--steps-per-call", "1", "--checkpoint-every-steps", "2",
         "--parallel", "sharded", "--no-progress", *extra,
     ]  # fmt: skip
-
-
-def _load_cli():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "cifar.py"
-    spec = importlib.util.spec_from_file_location("cifar_cli_multiprocess", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _wait_for_checkpoint(processes, directory, step, timeout=240.0):
@@ -242,7 +220,7 @@ def test_two_processes_killed_by_sigkill_resume_to_one_process_result(image_fold
     assert "took over the lock of process" in finished[0].output
     assert "epoch   2" in finished[0].output and "epoch" not in finished[1].output
     # One process with four devices, the same flags, uninterrupted.
-    cli = _load_cli()
+    cli = load_script("cifar")
     parser = cli.build_parser()
     config = cli.make_config(
         parser.parse_args(_cifar_args(image_folder, tmp_path / "one", "--num-devices", "4")),
