@@ -165,10 +165,11 @@ def leaf_views(tree: Any) -> list[jax.Array]:
 
 # ---------------------------------------------------------------- the automatic layout
 
-# Measured crossover (benchmarks/layout_crossover.py, docs/speed.md): flat buffers win
-# on trees of at least this many leaves whose mean size is at most this many values.
+# Measured crossover (benchmarks/layout_crossover.py, docs/benchmarks.md): flat buffers
+# win on trees of at least this many leaves whose mean size is at most this many values
+# (faster at a mean of 1,024 values, even at 2,048, slower at 4,096 and above).
 FLAT_MIN_LEAVES = 16
-FLAT_MAX_MEAN_SIZE = 16384
+FLAT_MAX_MEAN_SIZE = 2048
 
 # Update functions of transforms that act on each value alone, or through reductions
 # over all values (a global norm): applied to flat buffers they keep their meaning.
