@@ -18,10 +18,10 @@ import os
 
 import jax
 
-# Host devices per CPU core and the fewest examples each device must get. Measured on
-# a 2-core x86-64 CPU (see docs/speed.md): 4 devices per core (8 on 2 cores) trained
-# the ConvNet and ResNet-9 fastest at batch 128 and 512; below 16 examples a device the
-# split stops paying (and tiny smoke-test batches compile faster on one device).
+# Host devices per CPU core and the fewest examples each device must get. On a 2-core
+# x86-64 CPU (docs/speed.md) 8 devices trained the ConvNet fastest of 1, 2, 4 and 8
+# at batch 128 and 512 (more were not measured). The 16-example floor is a choice, not
+# a measurement: it keeps small smoke-test batches on one device.
 DEVICES_PER_CORE = 4
 MIN_EXAMPLES_PER_DEVICE = 16
 
