@@ -46,10 +46,12 @@ def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransforma
       >>> tx = sgdjax.chain(sgdjax.clip_by_global_norm(1.0), optax.scale(-0.1))
 
     Layout: when every transform is element-wise (sgdjax's scaling, decay, momentum
-    and learning-rate pieces, and chains of them), ``init`` picks the layout from the
-    params: one flat buffer per dtype for many small leaves, one buffer per leaf
-    otherwise (``sgdjax._flatten.prefers_flat_layout``). The numbers are the same
-    either way; only the state's leaves differ. Inside ``jit``, the temporaries the
+    and learning-rate pieces, ``clip`` and ``clip_by_global_norm``, and chains of
+    them), ``init`` picks the layout from the params: one flat buffer per dtype for
+    many small leaves, one buffer per leaf otherwise
+    (``sgdjax._flatten.prefers_flat_layout``). The numbers are bitwise the same either
+    way (a global norm adds the same per-leaf partial sums in the same order); only
+    the state's leaves differ. Inside ``jit``, the temporaries the
     step shares with the new state are recomputed rather than stored
     (``sgdjax._flatten.recompute_temporaries``), with bitwise the same results.
 

@@ -114,7 +114,10 @@ def flatten(inner: optax.GradientTransformation) -> optax.GradientTransformation
 def _flat_update(inner, updates, state, params, **extra_args):
     groups = _groups(updates)
     flat_params = None if params is None else _pack(params, groups)
-    token = _FLAT_SEGMENTS.set(_segments(updates, groups))
+    # A flat update of buffers that are already flat (``flatten`` around a ``chain`` that
+    # picked flat buffers) keeps the segments of the original leaves.
+    outer = _matching_segments(updates)
+    token = _FLAT_SEGMENTS.set(outer if outer is not None else _segments(updates, groups))
     try:
         flat_updates, state = inner.update(_pack(updates, groups), state, flat_params, **extra_args)
     finally:
@@ -151,16 +154,25 @@ def leaf_views(tree: Any) -> list[jax.Array]:
     reduction that sums per-leaf partial sums of these views in order (as
     :func:`sgdjax.global_norm` does) gives bitwise the same value in both layouts.
     """
-    layout = _FLAT_SEGMENTS.get()
+    layout = _matching_segments(tree)
     if layout is not None:
-        segments, totals = layout
-        if (
-            isinstance(tree, dict)
-            and set(tree) == set(totals)
-            and all(np.shape(tree[name]) == (total,) for name, total in totals.items())
-        ):
-            return [tree[name][start:stop] for name, start, stop in segments]
+        return [tree[name][start:stop] for name, start, stop in layout[0]]
     return [jnp.reshape(leaf, (-1,)) for leaf in jax.tree.leaves(tree)]
+
+
+def _matching_segments(tree: Any):
+    """The current flat update's segments if ``tree`` is its flat buffers, else None."""
+    layout = _FLAT_SEGMENTS.get()
+    if layout is None:
+        return None
+    totals = layout[1]
+    if (
+        isinstance(tree, dict)
+        and set(tree) == set(totals)
+        and all(np.shape(tree[name]) == (total,) for name, total in totals.items())
+    ):
+        return layout
+    return None
 
 
 # ---------------------------------------------------------------- the automatic layout

@@ -105,6 +105,8 @@ def test_chain_with_global_norm_clip_runs_flat_with_bitwise_the_per_leaf_results
             optax.tree_utils.tree_get(leaf_state, "momentum_buffer"), _flatten._groups(params)
         )),
     )  # fmt: skip
+    # sgdjax.flatten around the chain (flat buffers of flat buffers): the same numbers.
+    chex.assert_trees_all_equal(_run(sgdjax.flatten(tx), params, grads)[0], leaf_params)
     # Not jitted: flat and per leaf agree again.
     reference = optax.chain(*clips(), _per_leaf_sgd(0.05, 0.9, 1e-2))
     chex.assert_trees_all_equal(
