@@ -386,7 +386,7 @@ def test_subsets_larger_than_the_data_record_what_was_used(tiny_data, tmp_path, 
 def test_missing_download_is_one_line(tmp_path, capsys, monkeypatch):
     from sgdjax import data
 
-    def offline(data_dir):
+    def offline(data_dir, **options):
         raise data.DataError("CIFAR-10 download needs a network or a local copy (--data-dir)")
 
     monkeypatch.setattr(data, "load_cifar10", offline)
@@ -454,4 +454,4 @@ def test_no_progress_also_hides_the_download_bar(monkeypatch):
     parser = cifar.build_parser()
     for flags, shown in (([], True), (["--no-progress"], False)):
         cifar.load_data(parser.parse_args(flags), parser)
-        assert calls.pop() == ((None,), {"progress": shown})
+        assert calls.pop() == ((None,), {"progress": shown, "lazy": False})
