@@ -318,6 +318,7 @@ class Engine:
     def __init__(self, config: Config, dataset: data.Dataset, *, log: Callable = print):
         self.config = config
         self.log = log if is_primary() else (lambda message: None)  # process 0 alone logs
+        _report.code_commit()  # the commit this code came from, before a run can outlive it
         self.dataset = dataset  # read row by row: each process reads its devices' rows
         self._train_rows = subset_rows(len(dataset.train_images), config.train_subset)
         self._test_rows = subset_rows(len(dataset.test_images), config.test_subset)

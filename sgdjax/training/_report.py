@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -14,6 +15,21 @@ import jax
 from sgdjax.parallel import applied_arrangement
 
 
+@functools.cache
+def code_commit() -> str | None:
+    """The git commit of the code that runs: read once, at the first call (the engine
+    calls it when it is built), so a run that outlives a later commit still names its
+    own; ``None`` outside a git checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+            cwd=Path(__file__).resolve().parent, timeout=5,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit or None
+
+
 def environment() -> dict[str, Any]:
     """Hardware, package versions, the git commit and the CPU arrangement (the host
     devices chosen by ``sgdjax.parallel.arrange_cpu``, ``None`` where it was not
@@ -24,19 +40,7 @@ def environment() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).resolve().parent,
-                timeout=5,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = code_commit()
     devices = jax.devices()
     return {
         "versions": versions,
