@@ -87,8 +87,6 @@ class CharLMConfig:
     seed: int = _field(0, "seed of the initialization and of the batches")
 
     def __post_init__(self):
-        from sgdjax._base import check_in_range
-
         if self.corpus not in CORPORA:
             raise ValueError(f"corpus must be one of {sorted(CORPORA)}, got {self.corpus!r}")
         positive = (
@@ -108,15 +106,22 @@ class CharLMConfig:
             or self.max_chars <= 0
         ):  # fmt: skip
             raise ValueError(f"max_chars must be a positive integer, got {self.max_chars!r}")
-        check_in_range("test_fraction", self.test_fraction, low=0.0, high=1.0,
-                       low_inclusive=False, high_inclusive=False)  # fmt: skip
-        check_in_range("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
-        check_in_range("decay", self.decay, low=0.0, high=1.0, low_inclusive=False)
-        check_in_range("momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
+        _check_range("test_fraction", self.test_fraction, "in (0, 1)", lambda v: 0 < v < 1)
+        _check_range("learning_rate", self.learning_rate, "> 0", lambda v: v > 0)
+        _check_range("decay", self.decay, "in (0, 1]", lambda v: 0 < v <= 1)
+        _check_range("momentum", self.momentum, "in [0, 1)", lambda v: 0 <= v < 1)
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0, got momentum 0")
         if self.clip_norm is not None:
-            check_in_range("clip_norm", self.clip_norm, low=0.0, low_inclusive=False)
+            _check_range("clip_norm", self.clip_norm, "> 0", lambda v: v > 0)
+
+
+def _check_range(name: str, value, wanted: str, holds) -> None:
+    """Raises a ``ValueError`` naming ``name`` unless ``value`` is a finite real number
+    for which ``holds(value)``."""
+    real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (real and math.isfinite(value) and holds(value)):
+        raise ValueError(f"{name} must be a finite number {wanted}, got {value!r}")
 
 
 # ---------------------------------------------------------------- text

@@ -301,3 +301,16 @@ def minimise(tx, problem: Problem, num_steps: int):
         return params
 
     return run(problem.init_params)
+
+
+def newest_checkpoint(workdir, like):
+    """``(step, arrays)`` of the newest checkpoint under ``workdir/checkpoints``, raw,
+    bit for bit (restored into the structure of ``like``)."""
+    from sgdjax.training import Checkpointer
+
+    checkpoints = Checkpointer(workdir / "checkpoints")
+    try:
+        step = max(Checkpointer.saved_steps(workdir / "checkpoints"))
+        return step, checkpoints.restore_tree(step, like)[0]
+    finally:
+        checkpoints.close()

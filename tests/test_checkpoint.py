@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import newest_checkpoint
 
 import sgdjax
 from sgdjax.training import ConvNet, TrainState
@@ -197,16 +198,6 @@ def _dataset():
 TINY = dict(batch_size=16, epochs=2, widths=(4, 8), checkpoint_every_steps=3, steps_per_call=1)
 
 
-def _final(workdir, like):
-    """The arrays of the newest checkpoint in ``workdir`` (raw, bit for bit)."""
-    checkpoints = Checkpointer(workdir / "checkpoints")
-    try:
-        step = max(Checkpointer.saved_steps(workdir / "checkpoints"))
-        return step, checkpoints.restore_tree(step, like)[0]
-    finally:
-        checkpoints.close()
-
-
 def _without_timings(rows):
     timing = ("epoch_seconds", "images_per_second", "train_loss", "train_accuracy")
     return [{k: v for k, v in row.items() if k not in timing} for row in rows]
@@ -263,8 +254,8 @@ def test_sigterm_mid_epoch_saves_and_resumes_to_the_bit(engine, uninterrupted, t
     assert len(dropped) == 1 and "not a metrics row" in dropped[0] and "not JSON" in dropped[0]
     assert summary["steps"] == 10
     like = engine._initial_state(0)
-    step, resumed = _final(tmp_path, like)
-    reference_step, reference = _final(uninterrupted, like)
+    step, resumed = newest_checkpoint(tmp_path, like)
+    reference_step, reference = newest_checkpoint(uninterrupted, like)
     assert step == reference_step == 10
     chex.assert_trees_all_equal(resumed, reference)  # bit for bit, keys and counters too
     rows, _ = read_jsonl(tmp_path / "metrics.jsonl")

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 from _multiprocess import ProcessesFailed, run_processes, tiny_training, worker_argv
-from helpers import load_script, write_image_folder
+from helpers import load_script, newest_checkpoint, write_image_folder
 
 MODES = ("sharded", "zero", "shard_map", "pmap")
 
@@ -94,17 +94,6 @@ def one_process(image_folder, tmp_path_factory):
     return engine, workdir
 
 
-def _final_checkpoint(workdir, like):
-    from sgdjax.training import Checkpointer
-
-    checkpoints = Checkpointer(workdir / "checkpoints")
-    try:
-        step = max(Checkpointer.saved_steps(workdir / "checkpoints"))
-        return step, checkpoints.restore_tree(step, like)[0]
-    finally:
-        checkpoints.close()
-
-
 @pytest.mark.parametrize("mode", ["pmap", "sharded", "shard_map", "zero"])
 def test_two_processes_in_every_mode_stop_resume_and_end_as_one_process_with_four_devices(
     engine_runs, one_process, mode
@@ -123,7 +112,7 @@ def test_two_processes_in_every_mode_stop_resume_and_end_as_one_process_with_fou
     ] * 2
     like = engine._initial_state(0)
     (step, got), (reference_step, reference) = (
-        _final_checkpoint(workdir, like), _final_checkpoint(reference_dir, like)
+        newest_checkpoint(workdir, like), newest_checkpoint(reference_dir, like)
     )  # fmt: skip
     assert step == reference_step == 10
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
