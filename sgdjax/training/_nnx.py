@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sgdjax._base import check_trees_match
-from sgdjax.training._models import max_pool_2x2
+from sgdjax.training._models import conv_general_dilated, max_pool_2x2
 
 
 class NNXConvNet(nnx.Module):
@@ -80,7 +80,10 @@ class NNXConvNet(nnx.Module):
         self.dtype = dtype
         channels = in_channels
         for index, features in enumerate(widths):
-            conv = nnx.Conv(channels, features, (3, 3), padding="SAME", dtype=dtype, rngs=rngs)
+            conv = nnx.Conv(
+                channels, features, (3, 3), padding="SAME", dtype=dtype,
+                conv_general_dilated=conv_general_dilated, rngs=rngs,  # the Linen net's
+            )  # fmt: skip
             norm = nnx.BatchNorm(
                 features, momentum=0.9, epsilon=1e-5, dtype=dtype, axis_name=bn_axis_name, rngs=rngs
             )
