@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 import statistics
 from pathlib import Path
@@ -69,7 +68,7 @@ def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
         table[name] = {
             "seeds": sorted(by_seed),
             "mean": statistics.fmean(accuracies),
-            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else math.nan,
+            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,  # JSON null
             "min": min(accuracies),
             "max": max(accuracies),
             "wall_seconds": statistics.fmean(seconds),
@@ -85,7 +84,7 @@ def markdown_table(table: dict[str, dict], epochs: int) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, row in sorted(table.items(), key=lambda item: -item[1]["mean"]):
-        spread = "" if math.isnan(row["std"]) else f" ± {100 * row['std']:.2f}"
+        spread = "" if row["std"] is None else f" ± {100 * row['std']:.2f}"
         lines.append(
             f"| {name} | {100 * row['mean']:.2f}{spread} | {100 * row['min']:.2f} "
             f"| {100 * row['max']:.2f} | {len(row['seeds'])} | {row['wall_seconds']:.0f} |"

@@ -34,3 +34,19 @@ def test_asgd_muon_and_swa_run_end_to_end(image_folder, tmp_path):
     }  # fmt: skip
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["summary"]["muon"]["seeds"] == [0]
+
+
+def test_summary_of_one_seed_has_no_spread_and_is_strict_json():
+    runs = {
+        "one": {2: {"test_accuracy": 0.72, "wall_seconds": 10.0}},
+        "two": {0: {"test_accuracy": 0.70, "wall_seconds": 4.0},
+                1: {"test_accuracy": 0.74, "wall_seconds": 6.0}},
+    }  # fmt: skip
+    table = compare.summarize(runs)
+    assert table["one"]["std"] is None
+    assert table["two"]["std"] == pytest.approx(np.std([0.70, 0.74], ddof=1))
+    assert table["two"]["wall_seconds"] == pytest.approx(5.0)
+    json.dumps(table, allow_nan=False)  # NaN is not JSON
+    rows = compare.markdown_table(table, epochs=5).splitlines()[2:]
+    assert "| 72.00 |" in rows[0] and "±" not in rows[0]
+    assert "| 72.00 ± 2.83 |" in rows[1]
