@@ -11,6 +11,11 @@ from _multiprocess import ProcessesFailed, run_processes, tiny_training, worker_
 from helpers import load_script, newest_checkpoint, write_image_folder
 
 MODES = ("sharded", "zero", "shard_map", "pmap")
+# Parameters after 10 steps, 2 processes against 1: the gradient's sums run in another
+# order (gloo across processes), and the float32 differences depend on the host CPU's
+# kernels: up to 2.3e-6 absolute on one x86-64 host, under 1e-6 on the others the suite
+# has run on. The tolerance is about four times the largest difference seen.
+PARAM_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +120,7 @@ def test_two_processes_in_every_mode_stop_resume_and_end_as_one_process_with_fou
         newest_checkpoint(workdir, like), newest_checkpoint(reference_dir, like)
     )  # fmt: skip
     assert step == reference_step == 10
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=PARAM_ATOL),
                  got, reference)  # fmt: skip
     rows, _ = training.read_jsonl(workdir / "metrics.jsonl")
     expected, _ = training.read_jsonl(reference_dir / "metrics.jsonl")
@@ -225,7 +230,7 @@ def test_two_processes_killed_by_sigkill_resume_to_one_process_result(image_fold
         results.append(checkpoints.restore_tree(10, like)[0])
         checkpoints.close()
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=PARAM_ATOL), *results
     )  # fmt: skip
     rows, dropped = training.read_jsonl(out / "metrics.jsonl")
     assert [row["epoch"] for row in rows] == [1, 2] and dropped == []
