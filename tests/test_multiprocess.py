@@ -223,14 +223,12 @@ def test_two_processes_killed_by_sigkill_resume_to_one_process_result(image_fold
     engine = training.Engine(config, data.load_cifar10(image_folder), log=lambda message: None)
     engine.run(config.seed, tmp_path / "one", progress=False)
     like = engine._initial_state(config.seed)
-    results = []
-    for workdir in (out, tmp_path / "one"):
-        checkpoints = training.Checkpointer(workdir / "checkpoints")
-        assert max(checkpoints.saved_steps(workdir / "checkpoints")) == 10
-        results.append(checkpoints.restore_tree(10, like)[0])
-        checkpoints.close()
+    (step, got), (reference_step, reference) = (
+        newest_checkpoint(out, like), newest_checkpoint(tmp_path / "one", like)
+    )  # fmt: skip
+    assert step == reference_step == 10
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=PARAM_ATOL), *results
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=PARAM_ATOL), got, reference
     )  # fmt: skip
     rows, dropped = training.read_jsonl(out / "metrics.jsonl")
     assert [row["epoch"] for row in rows] == [1, 2] and dropped == []
