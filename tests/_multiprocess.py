@@ -393,7 +393,6 @@ def _engine_modes(out: str, data_dir: str, *modes: str) -> None:
     ``parallel="none"`` is refused first: its one-line error is saved too.
     """
     import json
-    import os
 
     import jax
     import numpy as np
@@ -418,7 +417,7 @@ def _engine_modes(out: str, data_dir: str, *modes: str) -> None:
         def signalling(*args, original=original, calls=calls):
             calls.append(1)
             if len(calls) == STOP_AT_CALL and index == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
+                signal.raise_signal(signal.SIGTERM)
             return original(*args)
 
         engine._train_programs[1] = signalling

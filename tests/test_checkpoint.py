@@ -1,7 +1,6 @@
 """Checkpoints that never lose work: refusals, unreadable checkpoints, changed configs,
 mid-epoch steps, and the preemption guard."""
 
-import os
 import signal
 
 import chex
@@ -157,7 +156,7 @@ def test_the_preemption_guard_turns_signals_into_a_flag_and_restores_handlers():
     before = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     with PreemptionGuard() as guard:
         assert not guard.should_stop()
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         assert guard.requested and guard.signal_name == "SIGINT"
         assert guard.should_stop() and guard.should_stop(agree=lambda flag: flag)
         assert not guard.should_stop(agree=lambda flag: False)
@@ -168,9 +167,9 @@ def test_the_preemption_guard_turns_signals_into_a_flag_and_restores_handlers():
 def test_a_second_signal_gives_up_at_once():
     with pytest.raises(KeyboardInterrupt):
         with PreemptionGuard() as guard:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
             assert guard.requested
-            os.kill(os.getpid(), signal.SIGINT)  # back to Python's handler: raises
+            signal.raise_signal(signal.SIGINT)  # back to Python's handler: raises
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -233,7 +232,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_to_the_bit(engine, uninterrupted, t
     def signalling(*args):
         calls.append(1)
         if len(calls) == stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
         return original(*args)
 
     programs[1] = signalling

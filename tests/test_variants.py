@@ -3,7 +3,6 @@ optax and training."""
 
 import functools
 import json
-import os
 import signal
 
 import chex
@@ -477,7 +476,7 @@ def test_a_resumed_averaging_run_ends_bit_identical(tmp_path, options):
     def signalling(*args):
         calls.append(1)
         if len(calls) == 7:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
         return original(*args)
 
     engine._train_programs[1] = signalling

@@ -11,7 +11,6 @@ and the signal is delivered again (SIGINT raises ``KeyboardInterrupt``).
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -34,10 +33,10 @@ class PreemptionGuard:
       signals: the signals to catch.
 
     Example:
-      >>> import os, signal
+      >>> import signal
       >>> from sgdjax.training import PreemptionGuard
       >>> with PreemptionGuard() as guard:
-      ...     os.kill(os.getpid(), signal.SIGTERM)
+      ...     signal.raise_signal(signal.SIGTERM)
       ...     guard.requested, guard.signal_name
       (True, 'SIGTERM')
     """
@@ -54,7 +53,7 @@ class PreemptionGuard:
     def _handle(self, number: int, frame: Any) -> None:
         if self.requested:  # a second signal: stop waiting for the chunk
             self._restore()
-            os.kill(os.getpid(), number)
+            signal.raise_signal(number)  # to this thread, handled before it returns
             return
         self.requested = True
         self.signal_name = signal.Signals(number).name
