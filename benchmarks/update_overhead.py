@@ -118,13 +118,13 @@ def make_transform(library: str):
     return tx
 
 
-def jax_runner(library: str, shapes, seed: int = 0):
-    """A callable running one donated, jitted update of ``library``'s chain."""
+def jax_runner(library: str, shapes, seed: int = 0, tx=None):
+    """A callable running one donated, jitted update of ``library``'s chain (or ``tx``)."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    tx = make_transform(library)
+    tx = make_transform(library) if tx is None else tx
 
     rng = np.random.default_rng(seed)
     params = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]

@@ -31,6 +31,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("layout_crossover.py", []),
         ("bandwidth.py", []),
         ("engine_overhead.py", []),
+        ("skip_forms.py", []),
     ],
 )
 def test_benchmark_quick_run(tmp_path, script, extra):
@@ -48,6 +49,8 @@ def test_benchmark_quick_run(tmp_path, script, extra):
         assert differences["chain"] == differences["chunked loop"] == 0.0
     if script == "layout_crossover.py":
         assert {tree["rule_picks_flat"] for tree in payload["trees"]} == {False, True}
+    if script == "skip_forms.py":  # every form computes what it claims
+        assert all(form["behaves"] for form in payload["results"].values())
     if script == "engine_overhead.py":
         rates = [r["images_per_second"] for r in payload["results"].values()]
         assert all(rate[name] > 0 for rate in rates for name in ("host loop", "engine"))
