@@ -165,12 +165,17 @@ def test_the_preemption_guard_turns_signals_into_a_flag_and_restores_handlers():
 
 
 def test_a_second_signal_gives_up_at_once():
-    with pytest.raises(KeyboardInterrupt):
-        with PreemptionGuard() as guard:
-            signal.raise_signal(signal.SIGTERM)
-            assert guard.requested
-            signal.raise_signal(signal.SIGINT)  # back to Python's handler: raises
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own SIGINT handler beforehand, whatever an earlier test in this worker left
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with PreemptionGuard() as guard:
+                signal.raise_signal(signal.SIGTERM)
+                assert guard.requested
+                signal.raise_signal(signal.SIGINT)  # back to Python's handler: raises
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_the_guard_rejects_signals_it_cannot_handle():
