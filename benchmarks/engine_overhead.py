@@ -51,7 +51,9 @@ def host_loop_runner(config, dataset, steps: int):
     from sgdjax import data, training
 
     tx, schedule = training.make_optimizer(config, steps)
-    model = training.create_model(config.model, widths=config.widths)
+    kernel_grad = training.choose_kernel_grad(jax.default_backend(), config.batch_size)
+    model = training.create_model(config.model, widths=config.widths,
+                                  kernel_grad=kernel_grad)  # as the engine picks  # fmt: skip
     state = training.TrainState.create(
         model=model, tx=tx, rng=jax.random.key(0), sample_input=jnp.zeros((1, 32, 32, 3))
     )

@@ -66,9 +66,12 @@ def main(argv=None):
                 continue
             if args.batch_size % count:
                 continue
+            kernel_grad = training.choose_kernel_grad(jax.default_backend(),
+                                                      args.batch_size // count)  # fmt: skip
             model = training.create_model(
-                args.model, bn_axis_name=DATA_AXIS if training.needs_bn_axis(mode) else None
-            )
+                args.model, kernel_grad=kernel_grad,
+                bn_axis_name=DATA_AXIS if training.needs_bn_axis(mode) else None,
+            )  # fmt: skip
             state = training.TrainState.create(
                 model=model,
                 tx=sgdjax.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),

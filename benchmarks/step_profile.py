@@ -110,7 +110,8 @@ def build_step(model_name: str, batch_size: int):
     import sgdjax
     from sgdjax import training
 
-    model = training.create_model(model_name)
+    kernel_grad = training.choose_kernel_grad(jax.default_backend(), batch_size)
+    model = training.create_model(model_name, kernel_grad=kernel_grad)
     tx = sgdjax.sgd(0.05, momentum=0.9, weight_decay=5e-4)
     state = training.TrainState.create(
         model=model, tx=tx, rng=jax.random.key(0), sample_input=jnp.zeros((1, 32, 32, 3))

@@ -13,11 +13,12 @@ and the interquartile range over the timed steps, after warm-up (compile time ap
 
 "sgdjax default" is what ``experiments/cifar.py`` does with no device flags: the
 arrangement ``sgdjax.parallel.choose_cpu_arrangement`` picks for the batch (on a CPU,
-the batch sharded over that many host devices). "sgdjax" is the same step on one
-device; "sgdjax sharded" shards it over every device, "sgdjax sharded K"
-(``--shard-counts``) over K; "sgdjax XLA
-kernel grad" is "sgdjax" with XLA's own convolution gradient (``lax.conv_general_dilated``
-in place of the models' shifted-matmul kernel gradient). The CPU is split into
+the batch sharded over that many host devices), with the convolution kernel gradient
+``sgdjax.training.choose_kernel_grad`` picks for the examples per device. "sgdjax" is
+the same step on one device; "sgdjax sharded" shards it over every device, "sgdjax
+sharded K" (``--shard-counts``) over K. "... XLA kernel grad" and "... shifted kernel
+grad" force the models' ``kernel_grad`` (XLA's own convolution gradient, or one matmul
+per kernel offset) on one device or on the default arrangement. The CPU is split into
 ``--host-devices`` devices, by default as many as the arrangement and the shard
 counts need (all numbers are those of one device on the whole batch).
 """
@@ -37,36 +38,31 @@ from _common import environment, print_table, round_orders, summarize, write_jso
 # ---------------------------------------------------------------- JAX contenders
 
 
-def sgdjax_step(model_name: str, batch_size: int, *, devices: int = 1, xla_conv: bool = False):
+def sgdjax_step(model_name: str, batch_size: int, *, devices: int = 1,
+                kernel_grad: str | None = None):  # fmt: skip
     """sgdjax's training path (augmentation off): sgdjax.sgd, the step over ``devices``
-    devices (``"sharded"``; one device: ``"none"``); ``xla_conv``: XLA's own
-    convolution gradient in the models instead of the shifted-matmul kernel gradient."""
+    devices (``"sharded"``; one device: ``"none"``); ``kernel_grad``: the models'
+    convolution kernel gradient, by default what ``choose_kernel_grad`` picks for the
+    examples per device, as the engine does."""
     import jax
     import jax.numpy as jnp
-    from jax import lax
 
     import sgdjax
     from sgdjax import training
-    from sgdjax.training import _models
 
-    model = training.create_model(model_name)
+    if kernel_grad is None:
+        kernel_grad = training.choose_kernel_grad(jax.default_backend(), batch_size // devices)
+    model = training.create_model(model_name, kernel_grad=kernel_grad)
     tx = sgdjax.sgd(0.05, momentum=0.9, weight_decay=5e-4)
     state = training.TrainState.create(
         model=model, tx=tx, rng=jax.random.key(0), sample_input=jnp.zeros((1, 32, 32, 3))
     )
     mode = "sharded" if devices > 1 else "none"
     parallel = training.make_parallel_train_step(mode, num_devices=devices)
-    box = {"state": parallel.place_state(state), "traced": False}
-    kept = _models.conv_general_dilated
+    box = {"state": parallel.place_state(state)}
 
     def run(batch):
-        if xla_conv and not box["traced"]:  # traced (compiled) at the first call
-            _models.conv_general_dilated = lax.conv_general_dilated
-        try:
-            box["state"], metrics = parallel.step(box["state"], parallel.place_batch(batch))
-        finally:
-            _models.conv_general_dilated = kept
-            box["traced"] = True
+        box["state"], metrics = parallel.step(box["state"], parallel.place_batch(batch))
         jax.block_until_ready(metrics["loss"])
 
     return run
@@ -78,7 +74,7 @@ def jax_devices() -> int:
     return jax.device_count()
 
 
-def default_step(model_name: str, batch_size: int):
+def default_step(model_name: str, batch_size: int, *, kernel_grad: str | None = None):
     """experiments/cifar.py's arrangement with no device flags, for this batch."""
     import os
 
@@ -89,7 +85,9 @@ def default_step(model_name: str, batch_size: int):
     arrangement = choose_cpu_arrangement(
         backend=jax.default_backend(), cores=os.cpu_count() or 1, batch_size=batch_size
     )
-    return sgdjax_step(model_name, batch_size, devices=arrangement.host_devices)
+    return sgdjax_step(
+        model_name, batch_size, devices=arrangement.host_devices, kernel_grad=kernel_grad
+    )
 
 
 def sgdjax_multi_step(model_name: str, batch_size: int, *, steps: int = 8):
@@ -100,7 +98,8 @@ def sgdjax_multi_step(model_name: str, batch_size: int, *, steps: int = 8):
     import sgdjax
     from sgdjax import training
 
-    model = training.create_model(model_name)
+    kernel_grad = training.choose_kernel_grad(jax.default_backend(), batch_size)
+    model = training.create_model(model_name, kernel_grad=kernel_grad)
     tx = sgdjax.sgd(0.05, momentum=0.9, weight_decay=5e-4)
     state = training.TrainState.create(
         model=model, tx=tx, rng=jax.random.key(0), sample_input=jnp.zeros((1, 32, 32, 3))
@@ -265,8 +264,17 @@ def torch_step(model_name: str, batch_size: int, *, compiled: bool = False):
 
 CONTENDERS = {
     "sgdjax default": default_step,
+    "sgdjax default XLA kernel grad": lambda model, batch: default_step(
+        model, batch, kernel_grad="xla"
+    ),
+    "sgdjax default shifted kernel grad": lambda model, batch: default_step(
+        model, batch, kernel_grad="shifted"
+    ),
     "sgdjax": sgdjax_step,
-    "sgdjax XLA kernel grad": lambda model, batch: sgdjax_step(model, batch, xla_conv=True),
+    "sgdjax XLA kernel grad": lambda model, batch: sgdjax_step(model, batch, kernel_grad="xla"),
+    "sgdjax shifted kernel grad": lambda model, batch: sgdjax_step(
+        model, batch, kernel_grad="shifted"
+    ),
     "sgdjax 8 steps/call": sgdjax_multi_step,
     "sgdjax sharded": lambda model, batch: sgdjax_step(model, batch, devices=jax_devices()),
     "flax+optax": flax_optax_step,

@@ -32,6 +32,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("bandwidth.py", []),
         ("engine_overhead.py", []),
         ("skip_forms.py", []),
+        ("conv_passes.py", []),
     ],
 )
 def test_benchmark_quick_run(tmp_path, script, extra):
@@ -51,6 +52,14 @@ def test_benchmark_quick_run(tmp_path, script, extra):
         assert {tree["rule_picks_flat"] for tree in payload["trees"]} == {False, True}
     if script == "skip_forms.py":  # every form computes what it claims
         assert all(form["behaves"] for form in payload["results"].values())
+    if script == "conv_passes.py":  # every way computes its pass (bf16 to its precision)
+        for row in payload["results"]:
+            assert row["relative_difference"] < (1e-2 if row["way"] == "bf16" else 1e-5), row
+        assert {row["pass"] for row in payload["results"]} == {
+            "forward",
+            "input-grad",
+            "kernel-grad",
+        }
     if script == "engine_overhead.py":
         rates = [r["images_per_second"] for r in payload["results"].values()]
         assert all(rate[name] > 0 for rate in rates for name in ("host loop", "engine"))

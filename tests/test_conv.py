@@ -1,9 +1,11 @@
-"""The CPU convolution with the kernel gradient as shifted matmuls, against XLA's."""
+"""The CPU convolution with the kernel gradient as shifted matmuls, against XLA's, and
+the rule that picks one of the two for a step."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax import lax
 
 from sgdjax import training
@@ -66,19 +68,56 @@ def test_other_convolutions_are_xla_unchanged():
 
 
 @pytest.mark.parametrize("name", ["convnet", "resnet9"])
-def test_a_training_step_matches_xla_convolutions(name, monkeypatch):
-    model = training.create_model(name, widths=(4, 8) if name == "convnet" else None)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+def test_a_training_step_matches_xla_convolutions(name):
+    widths = (4, 8) if name == "convnet" else None
     images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+    grads = {}
+    for kernel_grad in training.KERNEL_GRADS:
+        model = training.create_model(name, widths=widths, kernel_grad=kernel_grad)
+        assert model.kernel_grad == kernel_grad
+        variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 
-    def loss(params):
-        logits, _ = model.apply({**variables, "params": params}, images, train=True,
-                                mutable=["batch_stats"])  # fmt: skip
-        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[:, 0])
+        def loss(params, model=model, variables=variables):
+            logits, _ = model.apply({**variables, "params": params}, images, train=True,
+                                    mutable=["batch_stats"])  # fmt: skip
+            return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[:, 0])
 
-    ours = jax.jit(jax.grad(loss))(variables["params"])
-    monkeypatch.setattr(_models, "conv_general_dilated", lax.conv_general_dilated)
-    xla = jax.jit(jax.grad(loss))(variables["params"])
+        lowered = jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
+        # XLA's kernel gradient is a convolution per layer more than the shifted form's
+        grads[kernel_grad] = (jax.jit(jax.grad(loss))(variables["params"]),
+                              lowered.count("stablehlo.convolution"))  # fmt: skip
+    (ours, shifted_convs), (xla, xla_convs) = grads["shifted"], grads["xla"]
+    assert shifted_convs < xla_convs
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(xla), strict=True):
         scale = float(jnp.max(jnp.abs(b))) + 1e-12
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * scale
+
+
+def test_the_rule_picks_shifted_matmuls_for_large_cpu_shares_only():
+    threshold = _models.SHIFTED_MIN_EXAMPLES
+    assert training.choose_kernel_grad("cpu", threshold) == "shifted"
+    assert training.choose_kernel_grad("cpu", 4 * threshold) == "shifted"
+    assert training.choose_kernel_grad("cpu", threshold - 1) == "xla"
+    assert training.choose_kernel_grad("cpu", 16) == "xla"  # the default split's share
+    for backend in ("gpu", "tpu"):
+        assert training.choose_kernel_grad(backend, 4 * threshold) == "xla"
+    for bad in (0, -3, 2.5, True, None):
+        with pytest.raises(ValueError, match="examples_per_device"):
+            training.choose_kernel_grad("cpu", bad)
+
+
+def test_kernel_grad_is_validated_and_ignored_where_a_model_has_none():
+    with pytest.raises(ValueError, match="kernel_grad must be one of"):
+        training.create_model("convnet", kernel_grad="winograd")
+    assert training.create_model("resnet18", kernel_grad="shifted").kernel_grad == "shifted"
+    assert training.create_model("convnet").kernel_grad == "xla"
+    speednet = training.create_model("speednet", kernel_grad="shifted")
+    assert not hasattr(speednet, "kernel_grad")
+    for kernel_grad, conv in (("shifted", _models.conv_general_dilated),
+                              ("xla", lax.conv_general_dilated)):  # fmt: skip
+        linen = training.create_model("convnet", widths=(4, 8), kernel_grad=kernel_grad)
+        face = training.nnx_convnet_like(linen)
+        twin = nnx.merge(face.graphdef, face._variables)
+        assert twin.Conv_0.conv_general_dilated is conv
+    with pytest.raises(ValueError, match="kernel_grad must be one of"):
+        training.NNXConvNet(widths=(4,), kernel_grad="nope", rngs=nnx.Rngs(0))

@@ -27,10 +27,12 @@ from sgdjax.training._engine import (
     train_seeds,
 )
 from sgdjax.training._models import (
+    KERNEL_GRADS,
     MODELS,
     ConvNet,
     ResNet9,
     ResNet18,
+    choose_kernel_grad,
     create_model,
     max_pool_2x2,
 )
@@ -76,6 +78,7 @@ __all__ = [
     "ConfigError",
     "ConvNet",
     "Engine",
+    "KERNEL_GRADS",
     "MODELS",
     "MODES",
     "NNXConvNet",
@@ -101,6 +104,7 @@ __all__ = [
     "SwaEpochState",
     "TrainState",
     "Whitened",
+    "choose_kernel_grad",
     "config_differences",
     "create_model",
     "cross_entropy",

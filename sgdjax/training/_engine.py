@@ -52,7 +52,7 @@ from sgdjax.parallel import (
 )
 from sgdjax.training import _checkpoint, _report
 from sgdjax.training._config import Config, asgd_t0, make_optimizer
-from sgdjax.training._models import create_model
+from sgdjax.training._models import choose_kernel_grad, create_model
 from sgdjax.training._nnx import nnx_convnet_like
 from sgdjax.training._parallel import Placement, make_placement, needs_bn_axis
 from sgdjax.training._pipeline import augment_batch, epoch_order, lookahead_sync, run_keys
@@ -335,6 +335,9 @@ class Engine:
         if config.parallel == "pmap":  # pmap's gathered state is scored by jit on its mesh
             self.eval_placement = dataclasses.replace(self.placement, mode="sharded")
         self.num_classes = len(dataset.class_names)
+        micro = config.batch_size // config.accumulate
+        self.kernel_grad = choose_kernel_grad(jax.default_backend(),
+                                              micro // self.placement.num_devices)  # fmt: skip
         self.tx, self.schedule = make_optimizer(
             config, self.plan.steps_per_epoch, self.plan.total_steps
         )
@@ -367,7 +370,8 @@ class Engine:
         self._compile()
         self.compile_seconds = time.perf_counter() - compile_start
         sizes = sorted(self._train_programs)
-        self.log(f"compiled in {self.compile_seconds:.1f} s (training programs of {sizes} steps)")
+        self.log(f"compiled in {self.compile_seconds:.1f} s (training programs of {sizes} steps, "
+                 f"{self.kernel_grad} convolution kernel gradients)")  # fmt: skip
 
     # ------------------------------------------------------------ building
     def _check_devices(self) -> Placement:
@@ -394,6 +398,7 @@ class Engine:
         model = create_model(
             config.model,
             widths=config.widths,
+            kernel_grad=self.kernel_grad,
             num_classes=self.num_classes,
             dtype=jnp.bfloat16 if config.bf16 else jnp.float32,
             bn_axis_name=DATA_AXIS if bn_axis and needs_bn_axis(config.parallel) else None,
@@ -957,6 +962,7 @@ class _Run:
                 "test_examples": engine.num_test,
                 "placement": "host" if engine.host_fed else "device",
             },  # fmt: skip
+            "kernel_grad": engine.kernel_grad,
             "config": dataclasses.asdict(config),
             "environment": _report.environment(),
         }

@@ -28,12 +28,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
 
         dW[i, j] = sum_{n, h, w} x_pad[n, h + i, w + j, :]^T dy[n, h, w, :]
 
-    XLA's CPU backend runs the convolution it otherwise emits for ``dW`` (the batch
-    contracted as features, a window as large as the image) 3-4x slower than the
-    forward pass of the same size (docs/speed.md). The value is the same to float32
+    With many examples a device, XLA's CPU backend runs the convolution it otherwise
+    emits for ``dW`` (the batch contracted as features, a window as large as the
+    image) up to 2x slower than these matmuls; with few (16 to 64) it is faster
+    (docs/speed.md, :func:`choose_kernel_grad`). The value is the same to float32
     summation order. Every other case, and every other backend, is
     ``lax.conv_general_dilated`` unchanged. Pass it as ``nn.Conv``'s
-    ``conv_general_dilated``.
+    ``conv_general_dilated`` (the models do when ``kernel_grad="shifted"``).
     """
     simple = (
         jax.default_backend() == "cpu"
@@ -55,6 +56,41 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
     pads = tuple((int(low), int(high)) for low, high in padding)
     return _conv_matmul_kernel_grad(lhs, rhs, pads, precision)
+
+
+KERNEL_GRADS = ("xla", "shifted")
+# Examples per device from which the shifted-matmul kernel gradient is used on the CPU.
+# Measured training steps (docs/speed.md, "Convolution formulations tried"): with 16
+# and 64 examples a device XLA's gradient is faster (ConvNet 1.22x and 1.12x, ResNet-9
+# 1.24x), with 128 on one device the two tie (ConvNet, ResNet-9), with 512 on one
+# device the shifted matmuls are faster (ConvNet 1.54x); 256 was not measured.
+SHIFTED_MIN_EXAMPLES = 256
+
+
+def choose_kernel_grad(backend: str, examples_per_device: int) -> str:
+    """The convolution kernel gradient for a step: ``"shifted"`` or ``"xla"``.
+
+    The rule: shifted matmuls (:func:`conv_general_dilated`) on the CPU backend when a
+    device's share of the (micro-)batch has at least ``SHIFTED_MIN_EXAMPLES``
+    examples; XLA's own gradient otherwise (smaller shares, and every other backend).
+
+    Raises:
+      ValueError: ``examples_per_device`` is not a positive integer.
+    """
+    if isinstance(examples_per_device, bool) or not isinstance(examples_per_device, int) \
+            or examples_per_device <= 0:  # fmt: skip
+        raise ValueError(f"examples_per_device must be a positive integer, got "
+                         f"{examples_per_device!r}")  # fmt: skip
+    if backend == "cpu" and examples_per_device >= SHIFTED_MIN_EXAMPLES:
+        return "shifted"
+    return "xla"
+
+
+def conv_for(kernel_grad: str):
+    """The ``conv_general_dilated`` for ``nn.Conv`` that computes ``kernel_grad``."""
+    if kernel_grad not in KERNEL_GRADS:
+        raise ValueError(f"kernel_grad must be one of {KERNEL_GRADS}, got {kernel_grad!r}")
+    return conv_general_dilated if kernel_grad == "shifted" else lax.conv_general_dilated
 
 
 def _conv_nhwc(x, kernel, pads, precision):
@@ -110,6 +146,7 @@ class _ConvBN(nn.Module):
     relu: bool = True
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    kernel_grad: str = "xla"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -120,7 +157,7 @@ class _ConvBN(nn.Module):
             padding=1,
             use_bias=False,
             dtype=self.dtype,
-            conv_general_dilated=conv_general_dilated,
+            conv_general_dilated=conv_for(self.kernel_grad),
         )(x)
         if self.pool:
             x = max_pool_2x2(x)
@@ -149,19 +186,22 @@ class ConvNet(nn.Module):
       widths: channels of the two convolutions.
       dtype: compute dtype (parameters stay float32).
       bn_axis_name: a mapped axis to average BatchNorm statistics over (``pmap``).
+      kernel_grad: how the convolutions' kernel gradients are computed, ``"xla"`` or
+        ``"shifted"`` (:func:`choose_kernel_grad`); the values agree to float32 order.
     """
 
     num_classes: int = 10
     widths: Sequence[int] = (32, 64)
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    kernel_grad: str = "xla"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = x.astype(self.dtype)
         for features in self.widths:
             x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
-                        conv_general_dilated=conv_general_dilated)(x)  # fmt: skip
+                        conv_general_dilated=conv_for(self.kernel_grad))(x)  # fmt: skip
             x = _batch_norm(train, self.dtype, self.bn_axis_name)(x)
             x = max_pool_2x2(nn.relu(x))
         x = x.reshape(x.shape[0], -1)
@@ -172,11 +212,14 @@ class _Residual(nn.Module):
     features: int
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    kernel_grad: str = "xla"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        y = _ConvBN(self.features, dtype=self.dtype, bn_axis_name=self.bn_axis_name)(x, train=train)
-        y = _ConvBN(self.features, dtype=self.dtype, bn_axis_name=self.bn_axis_name)(y, train=train)
+        options = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                       kernel_grad=self.kernel_grad)  # fmt: skip
+        y = _ConvBN(self.features, **options)(x, train=train)
+        y = _ConvBN(self.features, **options)(y, train=train)
         return x + y
 
 
@@ -190,15 +233,18 @@ class ResNet9(nn.Module):
       num_classes: outputs of the classifier.
       dtype: compute dtype (parameters stay float32).
       bn_axis_name: a mapped axis to average BatchNorm statistics over (``pmap``).
+      kernel_grad: ``"xla"`` or ``"shifted"``, as for :class:`ConvNet`.
     """
 
     num_classes: int = 10
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    kernel_grad: str = "xla"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        options = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        options = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                       kernel_grad=self.kernel_grad)  # fmt: skip
         x = x.astype(self.dtype)
         x = _ConvBN(64, **options)(x, train=train)
         x = _ConvBN(128, pool=True, **options)(x, train=train)
@@ -216,10 +262,12 @@ class _BasicBlock(nn.Module):
     strides: int = 1
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    kernel_grad: str = "xla"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        options = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        options = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                       kernel_grad=self.kernel_grad)  # fmt: skip
         y = _ConvBN(self.features, strides=self.strides, **options)(x, train=train)
         y = _ConvBN(self.features, relu=False, **options)(y, train=train)
         if self.strides != 1 or x.shape[-1] != self.features:
@@ -238,16 +286,19 @@ class ResNet18(nn.Module):
       stage_sizes: blocks per stage.
       dtype: compute dtype (parameters stay float32).
       bn_axis_name: a mapped axis to average BatchNorm statistics over (``pmap``).
+      kernel_grad: ``"xla"`` or ``"shifted"``, as for :class:`ConvNet`.
     """
 
     num_classes: int = 10
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    kernel_grad: str = "xla"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        options = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        options = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                       kernel_grad=self.kernel_grad)  # fmt: skip
         x = _ConvBN(64, **options)(x.astype(self.dtype), train=train)
         for stage, blocks in enumerate(self.stage_sizes):
             for block in range(blocks):
@@ -260,14 +311,21 @@ class ResNet18(nn.Module):
 MODELS = {"convnet": ConvNet, "resnet9": ResNet9, "resnet18": ResNet18, "speednet": SpeedNet}
 
 
-def create_model(name: str, *, widths: Sequence[int] | None = None, **kwargs) -> nn.Module:
+def create_model(name: str, *, widths: Sequence[int] | None = None,
+                 kernel_grad: str | None = None, **kwargs) -> nn.Module:  # fmt: skip
     """The model called ``name`` (one of ``MODELS``), with its attributes set.
 
-    ``widths`` (channels per stage) applies to ``convnet`` and ``speednet``; ``None``
-    keeps the model's default.
+    ``widths`` (channels per stage) applies to ``convnet`` and ``speednet``;
+    ``kernel_grad`` (``"xla"`` or ``"shifted"``, see :func:`choose_kernel_grad`) to the
+    models with that attribute (``speednet``'s convolutions are XLA's: it is ignored
+    there); ``None`` keeps the model's default.
     """
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
     if widths is not None:
         kwargs["widths"] = tuple(widths)
+    if kernel_grad is not None:
+        conv_for(kernel_grad)  # validates it
+        if "kernel_grad" in MODELS[name].__dataclass_fields__:
+            kwargs["kernel_grad"] = kernel_grad
     return MODELS[name](**kwargs)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sgdjax._base import check_trees_match
-from sgdjax.training._models import conv_general_dilated, max_pool_2x2
+from sgdjax.training._models import conv_for, max_pool_2x2
 
 
 class NNXConvNet(nnx.Module):
@@ -41,6 +41,8 @@ class NNXConvNet(nnx.Module):
         with their input sizes; Linen infers them at ``init``).
       dtype: compute dtype (parameters stay float32).
       bn_axis_name: a mapped axis to average BatchNorm statistics over (``pmap``).
+      kernel_grad: the convolutions' kernel gradient, ``"xla"`` or ``"shifted"``
+        (:func:`sgdjax.training.choose_kernel_grad`).
       rngs: the initializers' keys, e.g. ``nnx.Rngs(0)``.
 
     Example::
@@ -61,6 +63,7 @@ class NNXConvNet(nnx.Module):
         image_size: int = 32,
         dtype: Any = jnp.float32,
         bn_axis_name: str | None = None,
+        kernel_grad: str = "xla",
         rngs: nnx.Rngs,
     ):
         widths = tuple(widths)
@@ -76,18 +79,19 @@ class NNXConvNet(nnx.Module):
             size //= 2
         if size == 0:
             raise ValueError(f"image_size={image_size} vanishes after {len(widths)} 2x2 poolings")
+        conv = conv_for(kernel_grad)  # validates it
         self.num_stages = len(widths)
         self.dtype = dtype
         channels = in_channels
         for index, features in enumerate(widths):
-            conv = nnx.Conv(
+            layer = nnx.Conv(
                 channels, features, (3, 3), padding="SAME", dtype=dtype,
-                conv_general_dilated=conv_general_dilated, rngs=rngs,  # the Linen net's
+                conv_general_dilated=conv, rngs=rngs,  # the Linen net's
             )  # fmt: skip
             norm = nnx.BatchNorm(
                 features, momentum=0.9, epsilon=1e-5, dtype=dtype, axis_name=bn_axis_name, rngs=rngs
             )
-            setattr(self, f"Conv_{index}", conv)
+            setattr(self, f"Conv_{index}", layer)
             setattr(self, f"BatchNorm_{index}", norm)
             channels = features
         self.Dense_0 = nnx.Linear(channels * size * size, num_classes, dtype=dtype, rngs=rngs)
@@ -238,8 +242,8 @@ class NNXModel:
 def nnx_convnet_like(model: Any, *, image_size: int = 32) -> NNXModel:
     """The NNX twin of a Linen :class:`~sgdjax.training.ConvNet`, initialized as it is.
 
-    An :class:`NNXConvNet` with ``model``'s classes, widths, dtype and BatchNorm
-    axis, behind :class:`NNXModel` with ``init_from=model``: a train state created
+    An :class:`NNXConvNet` with ``model``'s classes, widths, dtype, BatchNorm axis
+    and kernel gradient, behind :class:`NNXModel` with ``init_from=model``: a train state created
     from it with a given key holds the very arrays the Linen model's would, and
     trains to the same numbers through the NNX code path (``Config.api = "nnx"``).
 
@@ -256,6 +260,7 @@ def nnx_convnet_like(model: Any, *, image_size: int = 32) -> NNXModel:
         image_size=image_size,
         dtype=model.dtype,
         bn_axis_name=model.bn_axis_name,
+        kernel_grad=model.kernel_grad,
         rngs=nnx.Rngs(0),  # replaced by the Linen model's initial weights
     )
     return NNXModel(module, init_from=model)
