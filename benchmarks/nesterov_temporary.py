@@ -13,6 +13,10 @@ new buffer ``b = mu b + g'`` and the step ``theta - eta (g' + mu b)``. Contender
   over chunks of at most ``--chunk`` values (``lax.fori_loop`` with in-place
   ``dynamic_update_slice``), so each chunk of ``g'`` lives in cache and the params
   and buffer are read and written once.
+* ``leaf by leaf``: the chain's two loops per leaf (new buffer; new params, the
+  step's values recomputed behind ``lax.optimization_barrier`` as the chain does),
+  with each leaf's inputs held behind a barrier until the previous leaf's params are
+  written, so a leaf's second loop runs while its operands are still in cache.
 * ``reassociated``: ``b = (mu b + c g) + lambda theta`` and
   ``theta - eta ((c g + lambda theta) + mu b)``, which share no subexpression (its
   float32 rounding differs from torch's order).
@@ -141,6 +145,34 @@ def chunked_step(limit: int):
     return jax.jit(update, donate_argnums=(0, 1))
 
 
+def leaf_by_leaf_step():
+    """The chain's two loops per leaf, run one leaf after another (same rounding)."""
+    import jax
+    import jax.numpy as jnp
+
+    from sgdjax._clipping import global_norm
+
+    def decayed(g, p, norm):
+        clipped = (g / norm * MAX_NORM).astype(g.dtype)
+        return jnp.where(norm < MAX_NORM, g, clipped) + WEIGHT_DECAY * p
+
+    def update(params, buffers, grads):
+        norm = global_norm(grads)
+        new_params, new_buffers, previous = [], [], None
+        for p, b, g in zip(params, buffers, grads):
+            if previous is not None:  # wait for the previous leaf's params
+                (p, b, g), _ = jax.lax.optimization_barrier(((p, b, g), previous))
+            new_b = MOMENTUM * b + decayed(g, p, norm)
+            p, g, barred_b = jax.lax.optimization_barrier((p, g, new_b))
+            step = (decayed(g, p, norm) + MOMENTUM * barred_b) * -jnp.asarray(LEARNING_RATE)
+            previous = p + step
+            new_params.append(previous)
+            new_buffers.append(new_b)
+        return new_params, new_buffers
+
+    return jax.jit(update, donate_argnums=(0, 1))
+
+
 def reassociated_step():
     """The chain's rule written without a shared subexpression (other rounding)."""
     import jax
@@ -215,6 +247,7 @@ def main(argv=None):
         "chain": chain_step(),
         "chain, grads donated": chain_step(donate_grads=True),
         "chunked loop": chunked_step(args.chunk),
+        "leaf by leaf": leaf_by_leaf_step(),
         "reassociated": reassociated_step(),
     }
     # The equality check: every form against the chain, from the same start.

@@ -33,6 +33,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("engine_overhead.py", []),
         ("skip_forms.py", []),
         ("conv_passes.py", []),
+        ("xla_cpu_backends.py", []),
     ],
 )
 def test_benchmark_quick_run(tmp_path, script, extra):
@@ -44,10 +45,10 @@ def test_benchmark_quick_run(tmp_path, script, extra):
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(out.read_text())
     assert payload["environment"]["versions"]["jax"]
-    assert any(word in result.stdout for word in ("median", "images/s", "img/s"))
+    assert any(word in result.stdout for word in ("median", "images/s", "img/s", "XLA_FLAGS"))
     if script == "nesterov_temporary.py":  # the same-rounding forms are bitwise the chain's
         differences = payload["max_abs_difference"]
-        assert differences["chain"] == differences["chunked loop"] == 0.0
+        assert {differences[name] for name in ("chain", "chunked loop", "leaf by leaf")} == {0.0}
     if script == "layout_crossover.py":
         assert {tree["rule_picks_flat"] for tree in payload["trees"]} == {False, True}
     if script == "skip_forms.py":  # every form computes what it claims
@@ -60,6 +61,11 @@ def test_benchmark_quick_run(tmp_path, script, extra):
             "input-grad",
             "kernel-grad",
         }
+    if script == "xla_cpu_backends.py":  # each convolution is found, in XLA or in a library
+        for row in payload["results"]:
+            found = row["convolutions_in_xla"] + sum(row["convolutions_in_library"].values())
+            assert found == {"conv": 3, "conv block": 3, "matmul": 0}[row["program"]], row
+            assert row["same_as_no_flags"] or row["flags"]
     if script == "engine_overhead.py":
         rates = [r["images_per_second"] for r in payload["results"].values()]
         assert all(rate[name] > 0 for rate in rates for name in ("host loop", "engine"))
