@@ -32,14 +32,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, print_table, write_json  # noqa: E402
 
-DEFAULT_FLAGS = (
+DEFAULT_FLAGS = (  # those timed in docs/speed.md's flag table, and three more
     "",
     "--xla_cpu_use_onednn=true",
     "--xla_cpu_experimental_onednn_custom_call=true",
-    "--xla_cpu_experimental_onednn_fusion_type=+eltwise",
+    "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
+    "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise",
+    "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",
     "--xla_cpu_experimental_xnn_fusion_type=+individual_convolution",
+    "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
     "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
     "--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce",
+    "--xla_cpu_use_xnnpack=false",
+    "--xla_cpu_use_fusion_emitters=false",
 )
 
 _CHILD = r"""
