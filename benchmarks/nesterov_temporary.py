@@ -11,8 +11,11 @@ new buffer ``b = mu b + g'`` and the step ``theta - eta (g' + mu b)``. Contender
 * ``chain, grads donated``: the same with the gradients donated too.
 * ``chunked loop``: the same operations on the same operands, in one loop per leaf
   over chunks of at most ``--chunk`` values (``lax.fori_loop`` with in-place
-  ``dynamic_update_slice``), so each chunk of ``g'`` lives in cache and the params
-  and buffer are read and written once.
+  ``dynamic_update_slice``): each chunk's new buffer is written first and read back
+  for the step, so each chunk of ``g'`` lives in cache and the params and buffer are
+  read and written once. (Computing the step from the old buffer instead makes the
+  params' update read the buffer that the buffer's update overwrites in place, and
+  XLA then copies both whole leaves in every iteration.)
 * ``leaf by leaf``: the chain's two loops per leaf (new buffer; new params, the
   step's values recomputed behind ``lax.optimization_barrier`` as the chain does),
   with each leaf's inputs held behind a barrier until the previous leaf's params are
@@ -109,12 +112,13 @@ def chunked_step(limit: int):
 
     from sgdjax._clipping import global_norm
 
-    def leaf_values(g, p, b, norm):
+    def leaf_values(g, p, b, norm, new_b=None):
         # The chain's operations, in its order and dtypes (clip, decay, momentum, rate).
         clipped = (g / norm * MAX_NORM).astype(g.dtype)
         u = jnp.where(norm < MAX_NORM, g, clipped)
         u = u + WEIGHT_DECAY * p
-        new_b = MOMENTUM * b + u
+        if new_b is None:
+            new_b = MOMENTUM * b + u
         step = (u + MOMENTUM * new_b) * -jnp.asarray(LEARNING_RATE)
         return p + step, new_b
 
@@ -122,19 +126,19 @@ def chunked_step(limit: int):
         shape, size = p.shape, p.size
         p, b, g = (jnp.reshape(x, (-1,)) for x in (p, b, g))
         chunk = _chunk(size, limit)
-        if chunk == size:
-            new_p, new_b = leaf_values(g, p, b, norm)
-        else:
 
-            def body(i, carry):
-                p, b = carry
-                start = i * chunk
-                piece = [jax.lax.dynamic_slice_in_dim(x, start, chunk) for x in (g, p, b)]
-                new_p, new_b = leaf_values(*piece, norm)
-                return (jax.lax.dynamic_update_slice_in_dim(p, new_p, start, 0),
-                        jax.lax.dynamic_update_slice_in_dim(b, new_b, start, 0))  # fmt: skip
+        def body(i, carry):
+            p, b = carry
+            start = i * chunk
+            piece = [jax.lax.dynamic_slice_in_dim(x, start, chunk) for x in (g, p, b)]
+            new_b = leaf_values(*piece, norm)[1]
+            b = jax.lax.dynamic_update_slice_in_dim(b, new_b, start, 0)
+            # The step reads the new buffer back from b, so no fusion reads b's old
+            # values while another overwrites them (which would make XLA copy b).
+            new_p = leaf_values(*piece, norm, new_b=jax.lax.dynamic_slice_in_dim(b, start, chunk))
+            return jax.lax.dynamic_update_slice_in_dim(p, new_p[0], start, 0), b
 
-            new_p, new_b = jax.lax.fori_loop(0, size // chunk, body, (p, b))
+        new_p, new_b = jax.lax.fori_loop(0, size // chunk, body, (p, b))
         return jnp.reshape(new_p, shape), jnp.reshape(new_b, shape)
 
     def update(params, buffers, grads):
@@ -234,7 +238,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10, help="steps of the equality check")
-    parser.add_argument("--chunk", type=int, default=65536, help="largest chunk (values)")
+    parser.add_argument("--chunk", type=int, default=32768, help="largest chunk (values)")
     parser.add_argument("--quick", action="store_true", help="small tree, few repeats (smoke)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
