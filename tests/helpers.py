@@ -134,6 +134,28 @@ def run_transform(tx, params, grads_sequence, *, variant, evolve=True):
     return updates_out, params_out
 
 
+def apply_steps(tx, params, grads_sequence, *, jit=True):
+    """``tx`` applied to ``params`` for each gradient tree in turn (float32, no casts).
+
+    Returns the final params, the final state and the params after every step.
+    """
+    import sgdjax
+
+    state = tx.init(params)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return sgdjax.apply_updates(params, updates), state
+
+    if jit:
+        step = jax.jit(step)
+    trajectory = []
+    for grads in grads_sequence:
+        params, state = step(params, state, grads)
+        trajectory.append(params)
+    return params, state, trajectory
+
+
 def reference_run(step_fn, params, grads_sequence, *, evolve=True):
     """Runs a numpy reference ``step_fn(grads, params, t) -> updates`` (t from 0)."""
     params = jax.tree.map(np.float64, params)

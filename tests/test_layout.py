@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import apply_steps
 
 import sgdjax
 from sgdjax import _flatten
@@ -23,17 +24,7 @@ def _many_small(count=40, seed=0):
 
 
 def _run(tx, params, grads, *, jit=True):
-    state = tx.init(params)
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return sgdjax.apply_updates(params, updates), state
-
-    if jit:
-        step = jax.jit(step)
-    for step_grads in grads:
-        params, state = step(params, state, step_grads)
-    return params, state
+    return apply_steps(tx, params, grads, jit=jit)[:2]
 
 
 def _per_leaf_sgd(learning_rate, momentum, weight_decay):

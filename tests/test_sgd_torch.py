@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import apply_steps
 
 import sgdjax
 from sgdjax import schedules
@@ -45,19 +46,9 @@ def _torch_trajectory(params, grads, make_scheduler=None, **options):
 
 def _sgdjax_trajectory(tx, params, grads, *, jit=True):
     params = [jnp.asarray(p) for p in params]
-    state = tx.init(params)
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return sgdjax.apply_updates(params, updates), state
-
-    if jit:
-        step = jax.jit(step)
-    trajectory = []
-    for step_grads in grads:
-        params, state = step(params, state, [jnp.asarray(g) for g in step_grads])
-        trajectory.append([np.asarray(p) for p in params])
-    return trajectory
+    grads = [[jnp.asarray(g) for g in step_grads] for step_grads in grads]
+    trajectory = apply_steps(tx, params, grads, jit=jit)[2]
+    return [[np.asarray(p) for p in step_params] for step_params in trajectory]
 
 
 def _assert_trajectories_close(ours, theirs, rtol=1e-5, atol=2e-6):
