@@ -99,24 +99,14 @@ def _mean_curve(by_seed: dict[int, dict], key: str) -> tuple[list[int], list[flo
     return epochs, [statistics.fmean(h[i][key] for h in histories) for i in range(length)]
 
 
-def _save_figure(figure, axes, path: Path) -> None:
-    """Grid and legend on every axis, then the figure written to ``path`` and closed."""
-    import matplotlib.pyplot as plt
-
-    for axis in axes:
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
 def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
     """Training loss and test accuracy per epoch, each the mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from sgdjax.training import save_figure
 
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
     for name, by_seed in runs.items():
@@ -126,7 +116,7 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
     note = f"mean over seeds {seeds}"
     loss_axis.set(xlabel="epoch", ylabel="train loss", title=f"training loss ({note})")
     accuracy_axis.set(xlabel="epoch", ylabel="test accuracy", title=f"test accuracy ({note})")
-    _save_figure(figure, (loss_axis, accuracy_axis), path)
+    save_figure(figure, (loss_axis, accuracy_axis), path, legend_size=8)
 
 
 # ---------------------------------------------------------------- full batch against minibatch
@@ -192,6 +182,8 @@ def plot_against_steps(runs: dict[str, dict[int, dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sgdjax.training import save_figure
+
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
     for name, by_seed in runs.items():
         for seed, run in sorted(by_seed.items()):
@@ -203,7 +195,7 @@ def plot_against_steps(runs: dict[str, dict[int, dict]], path: Path) -> None:
                                [r["test_accuracy"] for r in tested], "o-", label=label)  # fmt: skip
     loss_axis.set(xlabel="step (gradient evaluations)", ylabel="train loss", xscale="log")
     accuracy_axis.set(xlabel="step (gradient evaluations)", ylabel="test accuracy", xscale="log")
-    _save_figure(figure, (loss_axis, accuracy_axis), path)
+    save_figure(figure, (loss_axis, accuracy_axis), path, legend_size=8)
 
 
 def _finished(folder: Path, config_dict: dict, defaults: dict) -> dict | None:

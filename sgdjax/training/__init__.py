@@ -46,7 +46,7 @@ from sgdjax.training._parallel import (
     needs_bn_axis,
 )
 from sgdjax.training._preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionGuard
-from sgdjax.training._report import environment, plot_curves
+from sgdjax.training._report import environment, plot_curves, save_figure
 from sgdjax.training._rundir import (
     RunDirectoryLocked,
     RunLock,
@@ -125,6 +125,7 @@ __all__ = [
     "nnx_convnet_like",
     "plan_run",
     "plot_curves",
+    "save_figure",
     "read_jsonl",
     "recompute_batch_stats",
     "steps_per_program",

@@ -55,6 +55,18 @@ def environment() -> dict[str, Any]:
     }
 
 
+def save_figure(figure, axes, path: Path, *, legend_size: float | None = None) -> None:
+    """Grid and legend on every axis, then ``figure`` written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=legend_size)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Training and test loss and accuracy per epoch, into ``path``."""
     import matplotlib
@@ -72,12 +84,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     accuracy_axis.plot(epochs, [row["train_accuracy"] for row in history], "o-", label="train")
     accuracy_axis.plot(test_epochs, [row["test_accuracy"] for row in tested], "o-", label="test")
     accuracy_axis.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for axis in (loss_axis, accuracy_axis):
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, (loss_axis, accuracy_axis), path)
 
 
 def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> None:
@@ -98,9 +105,4 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> None:
         values = [row["diagnostics"][name] for row in history]
         axes[1].plot(epochs, values, "o-", label=name.split("/", 1)[1])
     axes[1].set(xlabel="epoch", yscale="log", title="update / parameter norm, per layer")
-    for axis in axes:
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=6)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, axes, path, legend_size=6)
