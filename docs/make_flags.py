@@ -1,10 +1,11 @@
-"""Writes docs/flags.md, the flag reference of experiments/cifar.py, from its parser.
+"""Writes docs/flags.md, the flag reference of experiments/cifar.py, from its parser,
+and the presets table of docs/training.md from ``Config`` and ``PRESETS``.
 
-    python docs/make_flags.py          # rewrite docs/flags.md
-    python docs/make_flags.py --check  # exit 1 if docs/flags.md is not what it would write
+    python docs/make_flags.py          # rewrite docs/flags.md and the presets table
+    python docs/make_flags.py --check  # exit 1 if either is not what it would write
 
-tests/test_docs.py checks that the committed page equals the generated text, so the
-reference cannot drift from ``--help``.
+tests/test_docs.py checks that the committed pages equal the generated text, so the
+reference cannot drift from ``--help`` and the table cannot drift from the presets.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "flags.md"
+TRAINING_PAGE = ROOT / "docs" / "training.md"
+TABLE_HEADER = "| field / flag | default |"
 
 
 def load_cifar_script():
@@ -82,17 +85,64 @@ def generated_text() -> str:
     return render(load_cifar_script().build_parser())
 
 
+def _config_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return " ".join(_config_value(v) for v in value)
+    return str(value)
+
+
+def presets_table() -> list[str]:
+    """One row per ``Config`` field: its default and each preset's value (``·``: the
+    default), then its help text and choices."""
+    import dataclasses
+
+    from sgdjax.training import PRESETS, Config
+
+    default = Config()
+    lines = [
+        f"{TABLE_HEADER} {' | '.join(PRESETS)} | meaning |",
+        "|---|---|" + "---|" * len(PRESETS) + "---|",
+    ]
+    for field in dataclasses.fields(Config):
+        base = getattr(default, field.name)
+        cells = [
+            "·" if value == base and base is not None else _config_value(value)
+            for value in (getattr(preset, field.name) for preset in PRESETS.values())
+        ]
+        meaning = field.metadata["help"]
+        if field.metadata.get("choices"):
+            meaning += " (" + ", ".join(map(str, field.metadata["choices"])) + ")"
+        flag = "--" + field.name.replace("_", "-")
+        row = [f"`{field.name}` / `{flag}`", _config_value(base), *cells, meaning]
+        lines.append("| " + " | ".join(_cell(cell) for cell in row) + " |")
+    return lines
+
+
+def with_presets_table(page: str) -> str:
+    """``page`` with its presets table (the lines from ``TABLE_HEADER`` on) generated."""
+    lines = page.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(TABLE_HEADER))
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "\n".join(lines[:start] + presets_table() + lines[end:]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare instead of writing")
     args = parser.parse_args(argv)
-    text = generated_text()
+    training = TRAINING_PAGE.read_text()
+    pages = {PAGE: generated_text(), TRAINING_PAGE: with_presets_table(training)}
     if args.check:
-        if not PAGE.exists() or PAGE.read_text() != text:
-            print(f"{PAGE.relative_to(ROOT)} is out of date: run python docs/make_flags.py")
-            return 1
-        return 0
-    PAGE.write_text(text)
+        stale = [page for page, text in pages.items() if page.read_text() != text]
+        for page in stale:
+            print(f"{page.relative_to(ROOT)} is out of date: run python docs/make_flags.py")
+        return 1 if stale else 0
+    for page, text in pages.items():
+        page.write_text(text)
     return 0
 
 

@@ -124,7 +124,7 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
 # No augmentation in any of the three runs: full-batch gradient descent then sees
 # the same gradient of the same loss every epoch, and the runs differ only in the
 # batch they average the gradient over.
-NO_AUGMENTATION = dict(flip="none", crop_padding=0, translate=0)
+NO_AUGMENTATION = dict(flip="none", crop_padding=0, translate=0, tta="none")
 
 
 def full_batch_runs(batch_size: int, epochs: int, train_subset: int) -> dict[str, dict]:

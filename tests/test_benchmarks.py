@@ -34,6 +34,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("skip_forms.py", []),
         ("conv_passes.py", []),
         ("xla_cpu_backends.py", []),
+        ("tta_views.py", []),
     ],
 )
 def test_benchmark_quick_run(tmp_path, script, extra):
@@ -66,6 +67,8 @@ def test_benchmark_quick_run(tmp_path, script, extra):
             found = row["convolutions_in_xla"] + sum(row["convolutions_in_library"].values())
             assert found == {"conv": 3, "conv block": 3, "matmul": 0}[row["program"]], row
             assert row["same_as_no_flags"] or row["flags"]
+    if script == "tta_views.py":  # both ways give the same logits, bitwise
+        assert set(payload["max_abs_difference"].values()) == {0.0}
     if script == "engine_overhead.py":
         rates = [r["images_per_second"] for r in payload["results"].values()]
         assert all(rate[name] > 0 for rate in rates for name in ("host loop", "engine"))

@@ -159,7 +159,7 @@ def test_docstring_examples(name):
     assert result.failed == 0
 
 
-def test_the_flag_reference_is_generated_from_the_parser():
+def test_the_flag_reference_and_the_presets_table_are_generated():
     spec = importlib.util.spec_from_file_location("make_flags", ROOT / "docs" / "make_flags.py")
     make_flags = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_flags)
@@ -170,3 +170,7 @@ def test_the_flag_reference_is_generated_from_the_parser():
     for action in parser._actions:
         for flag in action.option_strings:
             assert flag in ("-h", "--help") or f"`{flag}`" in page, flag
+    training = (ROOT / "docs" / "training.md").read_text()
+    assert training == make_flags.with_presets_table(training), (
+        "docs/training.md's presets table is stale: run python docs/make_flags.py"
+    )

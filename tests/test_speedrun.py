@@ -159,7 +159,9 @@ def test_parameter_groups_follow_the_recipe_against_numpy():
 
 
 def _augment(config_values, images, indices, epoch, key=0):
-    config = dataclasses.replace(PRESETS["tutorial"], **config_values)
+    """The pipeline's augmentation with ``config_values`` on the tutorial preset, whose
+    own translation is off unless they set it."""
+    config = dataclasses.replace(PRESETS["tutorial"], **{"translate": 0, **config_values})
     keys = jax.random.split(jax.random.key(key), len(images))
     return _pipeline.augment_batch(config, keys, jnp.asarray(images), jnp.asarray(indices),
                                    jnp.int32(epoch), jax.random.key(7))  # fmt: skip

@@ -282,23 +282,26 @@ def tta_logits(apply_fn: Callable, variables: Any, images: jax.Array, tta: str) 
     ``"none"``: the image. ``"flip"``: the mean of the image's and its mirror image's
     logits. ``"flip_shift"`` (airbench94's): ``flip`` of the image (weight 1/2) and of
     its one-pixel shifts up-left and down-right with reflection padding (1/4 each).
+
+    The views go through the network one after another (``lax.map``), with the same
+    logits bitwise as separate calls in one program, which XLA's CPU backend ran more
+    slowly (``benchmarks/tta_views.py``; figures in docs/training.md).
     """
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
-
-    def plain(x):
-        return apply_fn(variables, x, train=False)
-
-    def both(x):
-        return 0.5 * (plain(x) + plain(x[:, :, ::-1, :]))
-
     if tta == "none":
-        return plain(images)
+        return apply_fn(variables, images, train=False)
     if tta == "flip":
-        return both(images)
-    padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-    up_left, down_right = padded[:, :-2, :-2, :], padded[:, 2:, 2:, :]
-    return 0.5 * both(images) + 0.25 * both(up_left) + 0.25 * both(down_right)
+        bases = [images]
+    else:
+        padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        bases = [images, padded[:, :-2, :-2, :], padded[:, 2:, 2:, :]]
+    views = jnp.stack([view for base in bases for view in (base, base[:, :, ::-1, :])])
+    logits = jax.lax.map(lambda view: apply_fn(variables, view, train=False), views)
+    both = [0.5 * (logits[2 * i] + logits[2 * i + 1]) for i in range(len(bases))]
+    if tta == "flip":
+        return both[0]
+    return 0.5 * both[0] + 0.25 * both[1] + 0.25 * both[2]
 
 
 def make_eval_step(
