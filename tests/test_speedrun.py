@@ -215,6 +215,10 @@ def test_tta_averages_the_six_views():
     np.testing.assert_array_equal(
         tta_logits(model.apply, variables, x, "none"), model.apply(variables, x)
     )
+    mirrored = 0.5 * (model.apply(variables, x) + model.apply(variables, x[:, :, ::-1]))
+    np.testing.assert_allclose(
+        tta_logits(model.apply, variables, x, "flip"), mirrored, rtol=1e-5, atol=1e-6
+    )
 
 
 def _state_for_lookahead(slow, fast, count):
