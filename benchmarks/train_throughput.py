@@ -231,14 +231,22 @@ def torch_model(model_name: str):
     )  # fmt: skip
 
 
-def torch_step(model_name: str, batch_size: int, *, compiled: bool = False):
+TORCH_DEVICE = {"name": "cpu"}  # set from --torch-device in main
+
+
+def torch_step(model_name: str, batch_size: int, *, compiled: bool = False,
+               fused: bool = False):  # fmt: skip
+    """torch's step on ``--torch-device``; ``fused``: ``SGD(fused=True)``. Each step
+    ends reading the loss, so it waits for the device."""
     import torch
 
+    device = TORCH_DEVICE["name"]
     torch.manual_seed(0)
-    model = torch_model(model_name)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    model = torch_model(model_name).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4,
+                                **({"fused": True} if fused else {}))  # fmt: skip
+    mean = torch.tensor([0.4914, 0.4822, 0.4465], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616], device=device).view(1, 3, 1, 1)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def train(images, labels):
@@ -254,9 +262,9 @@ def torch_step(model_name: str, batch_size: int, *, compiled: bool = False):
         forward_backward = train
 
     def run(batch):
-        images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).float().div_(255)
-        images = (images - mean) / std
-        labels = torch.from_numpy(batch["label"]).long()
+        images = torch.from_numpy(batch["image"]).to(device).permute(0, 3, 1, 2)
+        images = (images.float().div_(255) - mean) / std
+        labels = torch.from_numpy(batch["label"]).to(device).long()
         forward_backward(images, labels).item()
 
     return run
@@ -280,6 +288,7 @@ CONTENDERS = {
     "flax+optax": flax_optax_step,
     "torch eager": torch_step,
     "torch.compile": lambda model, batch: torch_step(model, batch, compiled=True),
+    "torch eager fused SGD": lambda model, batch: torch_step(model, batch, fused=True),
 }
 
 # ---------------------------------------------------------------- main
@@ -300,9 +309,12 @@ def main(argv=None):
         "--shard-counts", nargs="+", type=int, default=[],
         help="add 'sgdjax sharded K' for each K: the step sharded over K host devices",
     )  # fmt: skip
+    parser.add_argument("--torch-device", default="cpu",
+                        help="where torch's contenders run (cuda on a GPU machine)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    TORCH_DEVICE["name"] = args.torch_device
     import os
 
     import jax
@@ -334,6 +346,7 @@ def main(argv=None):
     results = {
         "environment": environment(),
         "torch_threads": torch.get_num_threads(),
+        "torch_device": args.torch_device,
         "jax_devices": jax.device_count(),
         "runs": [],
     }

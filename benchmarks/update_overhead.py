@@ -154,15 +154,18 @@ def jax_runner(library: str, shapes, seed: int = 0, tx=None):
     return run, info
 
 
-def torch_runner(variant: str, shapes, seed: int = 0):
+def torch_runner(variant: str, shapes, seed: int = 0, device: str = "cpu"):
+    """One torch update (clip_grad_norm_ + SGD) on ``device``; on a GPU ``run`` waits
+    for the device, so it can be timed like the JAX runners."""
     import torch
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    params = [torch.tensor(rng.normal(size=s), dtype=torch.float32, requires_grad=True)
-              for s in shapes]  # fmt: skip
+    params = [torch.tensor(rng.normal(size=s), dtype=torch.float32, device=device,
+                           requires_grad=True) for s in shapes]  # fmt: skip
     for p in params:
-        p.grad = torch.tensor(rng.normal(size=tuple(p.shape)) * 1e-3, dtype=torch.float32)
+        p.grad = torch.tensor(rng.normal(size=tuple(p.shape)) * 1e-3, dtype=torch.float32,
+                              device=device)  # fmt: skip
     options = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     if variant == "torch-fused":
         options["fused"] = True
@@ -173,6 +176,8 @@ def torch_runner(variant: str, shapes, seed: int = 0):
     def run():
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
+        if device != "cpu":
+            torch.cuda.synchronize(device)
 
     return run, {}
 
@@ -181,9 +186,9 @@ LIBRARIES = ("sgdjax", "sgdjax-flat", "sgdjax-leaf", "sgdjax-skip", "optax", "op
              "optax-skip", "torch-loop", "torch-foreach", "torch-fused")  # fmt: skip
 
 
-def make_runner(library: str, shapes):
+def make_runner(library: str, shapes, torch_device: str = "cpu"):
     if library.startswith("torch"):
-        return torch_runner(library, shapes)
+        return torch_runner(library, shapes, device=torch_device)
     return jax_runner(library, shapes)
 
 
@@ -224,11 +229,19 @@ def main(argv=None):
     parser.add_argument("--trees", nargs="+", default=list(TREES), choices=list(TREES))
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
+    parser.add_argument("--torch-device", default="cpu",
+                        help="where torch's tensors live (cuda on a GPU machine; JAX uses its "
+                        "default device)")  # fmt: skip
     parser.add_argument("--out", help="write results as JSON here")
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
 
-    results = {"environment": environment(), "repeats": repeats, "trees": {}}
+    results = {
+        "environment": environment(),
+        "repeats": repeats,
+        "torch_device": args.torch_device,
+        "trees": {},
+    }
     for tree in args.trees:
         shapes = TREES[tree]()
         if args.quick:
@@ -236,7 +249,7 @@ def main(argv=None):
         runners, infos = {}, {}
         for library in args.libraries:
             try:
-                runners[library], infos[library] = make_runner(library, shapes)
+                runners[library], infos[library] = make_runner(library, shapes, args.torch_device)
             except (RuntimeError, TypeError, ValueError) as error:
                 print(f"{library}: not available ({error})")
         load_before = load_average()

@@ -93,3 +93,33 @@ def test_rounds_are_shuffled_so_no_contender_always_follows_the_same_one():
         followers |= {b for a, b in zip(sequence, sequence[1:]) if a == "torch-fused"}
     assert followers - {"torch-fused"} == {"sgdjax", "optax", "torch-foreach"}
     assert round_orders(names, 3) == round_orders(names, 3)  # the same seed, the same orders
+
+
+def test_the_gpu_figures_script_runs_every_step_at_toy_sizes(tmp_path):
+    """benchmarks/gpu_figures.sh in its SMOKE mode, on this CPU: every step runs and
+    the seven files it promises are written."""
+    import os
+    import tarfile
+
+    from helpers import write_image_folder
+
+    write_image_folder(tmp_path / "cifar10", train_per_class=26, test_per_class=20)
+    archive = tmp_path / "cifar10.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "cifar10", arcname="cifar10")
+    out = tmp_path / "out"
+    env = dict(os.environ, SMOKE="1", PYTHON=sys.executable, AIRBENCH_CMD="echo airbench ran")
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_figures.sh"), str(archive), str(out)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    for name in ("update", "throughput", "speedrun", "resnet9", "airbench"):
+        assert f"=== {name}: exit 0" in log, log[-3000:]
+    assert (out / "airbench.txt").read_text().strip() == "airbench ran"
+    assert json.loads((out / "speedrun.json").read_text())["accuracy_mean"] >= 0
+    assert json.loads((out / "resnet9.json").read_text())["images_per_second"] > 0
+    assert json.loads((out / "update.json").read_text())["torch_device"] == "cpu"
+    assert json.loads((out / "throughput.json").read_text())["torch_device"] == "cpu"
+    assert "jax" in (out / "environment.txt").read_text()
