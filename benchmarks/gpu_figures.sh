@@ -7,8 +7,8 @@
 # OUT_DIR receives seven files: environment.txt, update.json, throughput.json,
 # speedrun.json, resnet9.json, airbench.txt and log.txt (every step's output).
 #
-# Steps, each bounded by its own timeout so the whole run ends within 10 minutes,
-# each run even when an earlier one failed:
+# Steps, each bounded by its own timeout (570 s in all, so the run fits a 10-minute
+# command with the data's unpacking), each run even when an earlier one failed:
 #   1. the update step on the ResNet-18 and 500-leaf trees: sgdjax and optax on the
 #      GPU against torch's foreach and fused SGD on the GPU (update_overhead.py);
 #   2. training throughput, ConvNet and ResNet-9 at batch 512: sgdjax and flax+optax
