@@ -105,6 +105,14 @@ def _chunk(size: int, limit: int) -> int:
     return best
 
 
+def _decayed(g, p, norm):
+    """The clipped, decayed gradient ``g'``, in the chain's order and dtypes."""
+    import jax.numpy as jnp
+
+    clipped = (g / norm * MAX_NORM).astype(g.dtype)
+    return jnp.where(norm < MAX_NORM, g, clipped) + WEIGHT_DECAY * p
+
+
 def chunked_step(limit: int):
     """The chain's operations in one loop per leaf over chunks, params and buffer in place."""
     import jax
@@ -114,9 +122,7 @@ def chunked_step(limit: int):
 
     def leaf_values(g, p, b, norm, new_b=None):
         # The chain's operations, in its order and dtypes (clip, decay, momentum, rate).
-        clipped = (g / norm * MAX_NORM).astype(g.dtype)
-        u = jnp.where(norm < MAX_NORM, g, clipped)
-        u = u + WEIGHT_DECAY * p
+        u = _decayed(g, p, norm)
         if new_b is None:
             new_b = MOMENTUM * b + u
         step = (u + MOMENTUM * new_b) * -jnp.asarray(LEARNING_RATE)
@@ -156,19 +162,15 @@ def leaf_by_leaf_step():
 
     from sgdjax._clipping import global_norm
 
-    def decayed(g, p, norm):
-        clipped = (g / norm * MAX_NORM).astype(g.dtype)
-        return jnp.where(norm < MAX_NORM, g, clipped) + WEIGHT_DECAY * p
-
     def update(params, buffers, grads):
         norm = global_norm(grads)
         new_params, new_buffers, previous = [], [], None
         for p, b, g in zip(params, buffers, grads):
             if previous is not None:  # wait for the previous leaf's params
                 (p, b, g), _ = jax.lax.optimization_barrier(((p, b, g), previous))
-            new_b = MOMENTUM * b + decayed(g, p, norm)
+            new_b = MOMENTUM * b + _decayed(g, p, norm)
             p, g, barred_b = jax.lax.optimization_barrier((p, g, new_b))
-            step = (decayed(g, p, norm) + MOMENTUM * barred_b) * -jnp.asarray(LEARNING_RATE)
+            step = (_decayed(g, p, norm) + MOMENTUM * barred_b) * -jnp.asarray(LEARNING_RATE)
             previous = p + step
             new_params.append(previous)
             new_buffers.append(new_b)

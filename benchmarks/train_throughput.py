@@ -231,16 +231,12 @@ def torch_model(model_name: str):
     )  # fmt: skip
 
 
-TORCH_DEVICE = {"name": "cpu"}  # set from --torch-device in main
-
-
 def torch_step(model_name: str, batch_size: int, *, compiled: bool = False,
-               fused: bool = False):  # fmt: skip
-    """torch's step on ``--torch-device``; ``fused``: ``SGD(fused=True)``. Each step
-    ends reading the loss, so it waits for the device."""
+               fused: bool = False, device: str = "cpu"):  # fmt: skip
+    """torch's step on ``device``; ``fused``: ``SGD(fused=True)``. Each step ends
+    reading the loss, so it waits for the device."""
     import torch
 
-    device = TORCH_DEVICE["name"]
     torch.manual_seed(0)
     model = torch_model(model_name).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4,
@@ -286,10 +282,19 @@ CONTENDERS = {
     "sgdjax 8 steps/call": sgdjax_multi_step,
     "sgdjax sharded": lambda model, batch: sgdjax_step(model, batch, devices=jax_devices()),
     "flax+optax": flax_optax_step,
-    "torch eager": torch_step,
-    "torch.compile": lambda model, batch: torch_step(model, batch, compiled=True),
-    "torch eager fused SGD": lambda model, batch: torch_step(model, batch, fused=True),
 }
+# torch's contenders, registered in CONTENDERS on the CPU and again on --torch-device.
+TORCH_OPTIONS = {"torch eager": {}, "torch.compile": {"compiled": True},
+                 "torch eager fused SGD": {"fused": True}}  # fmt: skip
+
+
+def _torch_contenders(device: str) -> dict:
+    return {name: (lambda model, batch, options=options: torch_step(model, batch, device=device,
+                                                                    **options))
+            for name, options in TORCH_OPTIONS.items()}  # fmt: skip
+
+
+CONTENDERS.update(_torch_contenders("cpu"))
 
 # ---------------------------------------------------------------- main
 
@@ -314,7 +319,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    TORCH_DEVICE["name"] = args.torch_device
+    CONTENDERS.update(_torch_contenders(args.torch_device))
     import os
 
     import jax
