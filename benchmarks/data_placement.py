@@ -54,6 +54,7 @@ def _engine(mode: str, shard_data: bool, dataset, steps: int):
     config = dataclasses.replace(
         training.PRESETS["tutorial"], parallel=mode, num_devices=DEVICES, batch_size=128,
         max_steps=steps, steps_per_call=1, tensorboard=False,
+        translate=0, tta="none",  # the recipe of the figures in docs/parallel.md: flips only
     )  # fmt: skip
     engine = training.Engine(config, dataset, log=lambda line: None)
     if not shard_data:  # the placement before the split, for this comparison only
